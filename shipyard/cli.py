@@ -1,0 +1,171 @@
+"""The `shipyard` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from shipyard.errors import ShipyardError
+
+EPILOG = """\
+examples:
+  shipyard train                                   # the quickstart: a tiny model learns to reverse words
+  shipyard train recipes/qwen3_0.6b_sft.yaml data.train=my_chats.jsonl
+  shipyard train quickstart train.max_steps=100 optim.lr=1e-3
+  shipyard config show quickstart                  # every setting, defaults included
+  shipyard export runs/quickstart/checkpoints/step_500 exported/
+  shipyard verify runs/quickstart/final
+
+recipes are YAML; overrides are dotted keys with YAML values (key.path=value).
+docs: README.md
+"""
+
+
+def _split_recipe_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from shipyard.config import load_recipe
+
+    recipe_arg, overrides = _split_recipe_and_overrides(args.recipe_and_overrides)
+    recipe = load_recipe(recipe_arg, overrides)
+    from shipyard.train.loop import train  # heavy imports only after the recipe validated
+
+    summary = train(recipe)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_train_report(recipe, summary)
+    return 0
+
+
+def _print_train_report(recipe, summary: dict) -> None:
+    out = recipe.out_dir
+    ev = summary["eval"]
+    print()
+    print(f"done: {summary['steps']} steps in {summary['train_seconds']:.1f}s of training "
+          f"({summary['tokens_per_second']:,.0f} tokens/s), final train loss {summary['final_train_loss']:.4f}")
+    if "loss" in ev:
+        print(f"validation loss {ev['loss']:.4f}")
+    if "exact_match" in ev:
+        print(f"exact match {ev['exact_match']:.1%} on {ev['num_prompts']} held-out prompts; for example:")
+        for ex in ev["examples"][:3]:
+            print(f"  {ex['prompt']!r} -> {ex['got']!r}" + ("" if ex["got"] == ex["expected"].strip() else f" (expected {ex['expected']!r})"))
+    if summary["skipped_records"]["total"]:
+        print(f"skipped records: {summary['skipped_records']}")
+    final = summary["final_checkpoint"]
+    print(f"\nfinal checkpoint (Hugging Face, vLLM-ready): {final}")
+    print(f"metrics: {out / 'metrics.jsonl'}, {out / 'loss.png'}, TensorBoard in {out / 'tensorboard'}")
+    print("\nnext:")
+    print(f"  shipyard verify {final}            # prove it serves: transformers vs vLLM, greedy tokens")
+    print(f"  python -c \"from transformers import pipeline; print(pipeline('text-generation', '{final}')("
+          "[{'role': 'user', 'content': 'reverse: red fox sun'}])[0]['generated_text'][-1])\"")
+    print(f"  tensorboard --logdir {out / 'tensorboard'}")
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from shipyard.config import dump_recipe, load_recipe
+
+    recipe_arg, overrides = _split_recipe_and_overrides(args.recipe_and_overrides)
+    print(dump_recipe(load_recipe(recipe_arg, overrides)), end="")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from shipyard.export.export import export_checkpoint
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    result = export_checkpoint(Path(args.checkpoint), Path(args.out_dir), force=args.force, dtype=dtype,
+                               trust_remote_code=args.trust_remote_code)
+    if result.replaced:
+        print(f"replaced {len(result.replaced)} entries in {result.out_dir}: {', '.join(result.replaced)}")
+    print(f"exported {args.checkpoint} -> {result.out_dir} ({len(result.files)} weight file(s), {result.dtype})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shipyard",
+        description="Fine-tune Hugging Face models and ship checkpoints that load in transformers, PEFT and vLLM.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a model as a recipe describes",
+        description="Train from a recipe. With no recipe, runs the shipped quickstart "
+        "(a tiny Qwen3-style model learns to reverse words; about a minute on a laptop CPU).",
+        epilog="examples:\n  shipyard train\n  shipyard train my_recipe.yaml optim.lr=1e-4 train.max_steps=200\n"
+        "  torchrun --nproc-per-node 2 -m shipyard train my_recipe.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("recipe_and_overrides", nargs="*", metavar="[RECIPE] [KEY=VALUE ...]",
+                   help="a recipe file or shipped recipe name (default: quickstart), then dotted overrides")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("config", help="inspect recipes")
+    config_sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = config_sub.add_parser("show", help="print the resolved recipe, defaults and overrides applied")
+    show.add_argument("recipe_and_overrides", nargs="*", metavar="[RECIPE] [KEY=VALUE ...]")
+    show.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser(
+        "export",
+        help="write a vLLM-ready Hugging Face directory from a checkpoint",
+        description="Export a shipyard step directory (or any Hugging Face model directory) as a directory that "
+        "loads unchanged in transformers and vLLM: full config.json, EOS ids in generation_config.json, chat "
+        "template inlined in tokenizer_config.json, portable tokenizer class, base-model sharding.",
+    )
+    p.add_argument("checkpoint", help="step directory (runs/NAME/checkpoints/step_N) or HF model directory")
+    p.add_argument("out_dir", help="output directory (must be empty or absent unless --force)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR (lists what it replaces)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="cast weights (default: the base model's per-tensor dtypes, else as trained)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to load its config")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("shipyard").setLevel(logging.DEBUG if verbose else logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+        except ImportError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except ShipyardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def entrypoint() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

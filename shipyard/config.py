@@ -1,0 +1,240 @@
+"""The recipe: a typed, validated description of one run.
+
+A recipe is YAML validated by the pydantic models below. Overrides on the
+command line use dotted keys with YAML-parsed values (`optim.lr=3e-4`).
+Nothing in a recipe is executed: values are data, never import paths.
+
+An unknown or mistyped key fails before any work, naming the key and the
+closest valid one, because a typo that silently falls back to a default costs
+a whole training run.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shipyard.errors import ShipyardError, did_you_mean
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = Field(
+        "qwen3-tiny",
+        description="Hub id, local Hugging Face directory, or preset name (see `shipyard.models.presets`).",
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer hub id or directory; default: the model's own.")
+    trust_remote_code: bool = Field(False, description="Allow modelling code shipped with the model (runs its Python).")
+    attn_implementation: str = Field("sdpa", description="Hugging Face attention backend: sdpa, eager, flash_attention_2…")
+
+
+class DataSource(Section):
+    """One dataset: a JSONL file / `datasets`-readable file, or a built-in synthetic task."""
+
+    path: str | None = Field(None, description="JSONL file (or .json/.parquet/.csv read through `datasets`).")
+    synthetic: Literal["reverse_words"] | None = Field(None, description="Built-in generated task.")
+    num_records: int = Field(10_000, gt=0, description="Records to generate (synthetic only).")
+    seed: int = Field(0, description="Generator seed (synthetic only).")
+
+    @model_validator(mode="after")
+    def _exactly_one_kind(self) -> DataSource:
+        if (self.path is None) == (self.synthetic is None):
+            raise ValueError("set exactly one of 'path' or 'synthetic'")
+        return self
+
+    def describe(self) -> str:
+        return self.path if self.path is not None else f"synthetic:{self.synthetic}(n={self.num_records}, seed={self.seed})"
+
+
+class DataConfig(Section):
+    train: list[DataSource] = Field(description="Training sources, concatenated.")
+    validation: list[DataSource] = Field(default_factory=list, description="Validation sources.")
+    validation_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Carve this fraction of train off as validation when none is given."
+    )
+    max_length: int = Field(2048, gt=1, description="Tokens per sample after chat rendering.")
+    overlength: Literal["truncate", "drop"] = Field("truncate", description="What to do with longer samples.")
+    on_error: Literal["raise", "skip"] = Field("raise", description="Malformed records: stop with file:line, or count and skip.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_source_to_list(cls, data: Any) -> Any:
+        # `train: {path: x.jsonl}` and `train: x.jsonl` are accepted shorthands for a one-element list.
+        if isinstance(data, dict):
+            for key in ("train", "validation"):
+                value = data.get(key)
+                if isinstance(value, (dict, str)):
+                    value = [value]
+                if isinstance(value, list):
+                    data[key] = [{"path": v} if isinstance(v, str) else v for v in value]
+        return data
+
+
+class TrainConfig(Section):
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; default: `epochs` worth of steps.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data when max_steps is not set.")
+    micro_batch_size: int = Field(8, gt=0, description="Samples per forward pass on each data-parallel rank.")
+    grad_accum_steps: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
+    mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    loss_chunk_size: int = Field(2048, gt=0, description="Tokens per cross-entropy chunk (bounds logits memory).")
+    log_every: int = Field(10, gt=0, description="Steps between log lines when stdout is not a terminal.")
+    eval_every: int | None = Field(None, gt=0, description="Steps between validation-loss evaluations.")
+    resume: str = Field("auto", description="auto: continue from checkpoints/LATEST if present; never; or a step directory.")
+
+
+class OptimConfig(Section):
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    schedule: Literal["cosine", "wsd", "constant"] = Field("cosine", description="Learning-rate shape after warmup.")
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of lr (cosine and wsd).")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: fraction of steps spent decaying at the end.")
+
+
+class CheckpointConfig(Section):
+    every_steps: int | None = Field(None, gt=0, description="Save every N steps (and always at the end).")
+    keep_last: int | None = Field(None, gt=0, description="Delete older step directories beyond this many.")
+
+
+class EvalConfig(Section):
+    generate: bool = Field(True, description="Greedy-generate answers for validation prompts and score exact match.")
+    max_prompts: int = Field(200, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0)
+
+
+class Recipe(Section):
+    name: str = Field("run", pattern=r"^[\w.-]+$")
+    output_dir: str | None = Field(None, description="Default: runs/<name>.")
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.output_dir if self.output_dir is not None else f"runs/{self.name}")
+
+
+# --------------------------------------------------------------------- loading
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Recipes packaged with shipyard, by name (`quickstart` → .../recipes/quickstart.yaml)."""
+    root = importlib.resources.files("shipyard") / "recipes"
+    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def resolve_recipe_path(recipe: str | None) -> Path:
+    if recipe is None:
+        recipe = "quickstart"
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    if recipe in shipped:
+        return shipped[recipe]
+    raise ShipyardError(
+        f"recipe '{recipe}' is neither a file nor a shipped recipe{did_you_mean(recipe, shipped)}; "
+        f"shipped recipes: {', '.join(sorted(shipped))}"
+    )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ShipyardError(f"override '{text}' is not of the form key.path=value (e.g. optim.lr=3e-4)")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        raise ShipyardError(f"override '{text}': the value is not valid YAML ({e.problem})") from None
+    return key.split("."), value
+
+
+def apply_override(data: dict, keys: list[str], value: Any) -> None:
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def load_recipe(recipe: str | None = None, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe. Raises ShipyardError naming the bad key."""
+    path = resolve_recipe_path(recipe)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ShipyardError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ShipyardError(f"{path}: a recipe is a YAML mapping of sections (model:, data:, train:, ...)")
+    data.setdefault("name", path.stem)
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    return validate_recipe(data, source=str(path))
+
+
+def validate_recipe(data: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise ShipyardError(format_validation_error(e, source)) from None
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> dict | None:
+    """The field mapping of the section that `loc` points into, or None."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", None)
+        candidates = [annotation, *(inner or ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model.model_fields
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid recipe"]
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        if item["type"] == "extra_forbidden":
+            fields = _fields_at(Recipe, loc[:-1]) or {}
+            hint = did_you_mean(str(loc[-1]), fields)
+            valid = ", ".join(fields)
+            lines.append(f"  unknown key '{dotted}'{hint}; valid keys here: {valid}")
+        elif item["type"] == "missing":
+            lines.append(f"  missing required key '{dotted}'")
+        else:
+            where = f"'{dotted}'" if dotted else "recipe"
+            lines.append(f"  {where}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML: every key, defaults included."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

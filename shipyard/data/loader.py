@@ -1,0 +1,105 @@
+"""Deterministic, resumable batches whose content does not depend on the world size.
+
+Each optimizer step consumes the next `global_batch` indices of a stream made
+of per-epoch permutations (seeded). Rank r takes the r-th contiguous slice and
+splits it into micro-batches. The same global batch is therefore seen by a
+1-rank and a 2-rank run, and the loader's whole state is one integer, the
+number of samples consumed, which resumes on any world size.
+
+The data is tokenized in memory, so a plain index stream replaces a
+DataLoader with workers: nothing here needs a worker process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shipyard.data.chat import IGNORE_INDEX, Sample
+
+
+@dataclass
+class BatchPlan:
+    global_batch: int  # samples per optimizer step, all ranks together
+    micro_batch_size: int
+    grad_accum_steps: int
+    dp_rank: int = 0
+    dp_size: int = 1
+
+    def __post_init__(self) -> None:
+        assert self.global_batch == self.micro_batch_size * self.grad_accum_steps * self.dp_size
+
+
+class IndexStream:
+    """An endless stream of sample indices: epoch e is a permutation seeded by (seed, e)."""
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
+        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
+        self._epoch, self._order = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_samples, generator=g)
+
+    def take(self, start: int, count: int) -> list[int]:
+        out = []
+        for position in range(start, start + count):
+            epoch, offset = divmod(position, self.num_samples)
+            if epoch != self._epoch:
+                self._epoch, self._order = epoch, self._permutation(epoch)
+            out.append(int(self._order[offset]))
+        return out
+
+
+class StepBatches:
+    """Yields, per optimizer step, this rank's micro-batches; state is `samples_consumed`."""
+
+    def __init__(self, samples: list[Sample], plan: BatchPlan, seed: int, pad_id: int):
+        self.samples, self.plan, self.pad_id = samples, plan, pad_id
+        self.stream = IndexStream(len(samples), seed)
+        self.samples_consumed = 0
+
+    def next_step(self) -> list[dict[str, torch.Tensor]]:
+        p = self.plan
+        indices = self.stream.take(self.samples_consumed, p.global_batch)
+        self.samples_consumed += p.global_batch
+        per_rank = p.micro_batch_size * p.grad_accum_steps
+        mine = indices[p.dp_rank * per_rank : (p.dp_rank + 1) * per_rank]
+        return [
+            collate([self.samples[i] for i in mine[k : k + p.micro_batch_size]], self.pad_id)
+            for k in range(0, per_rank, p.micro_batch_size)
+        ]
+
+    def state_dict(self) -> dict:
+        return {"samples_consumed": self.samples_consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.samples_consumed = int(state["samples_consumed"])
+
+    @property
+    def epoch(self) -> float:
+        return self.samples_consumed / len(self.samples)
+
+
+def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sample; padding is masked out of attention and loss."""
+    width = max(len(s.input_ids) for s in samples)
+    input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, s in enumerate(samples):
+        n = len(s.input_ids)
+        input_ids[row, :n] = torch.tensor(s.input_ids)
+        labels[row, :n] = torch.tensor(s.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def eval_batches(samples: list[Sample], batch_size: int, pad_id: int, dp_rank: int = 0, dp_size: int = 1):
+    """Validation micro-batches for one rank: a strided share of the samples, in order."""
+    mine = samples[dp_rank::dp_size]
+    for k in range(0, len(mine), batch_size):
+        yield collate(mine[k : k + batch_size], pad_id)

@@ -1,0 +1,141 @@
+"""`shipyard export CHECKPOINT OUT_DIR`: a checkpoint (or any HF model directory) to a vLLM-ready directory.
+
+Everything that can be wrong is checked before anything is written (tokenizer,
+chat template, EOS, architecture, special-token ids inside the embedding).
+The directory is assembled under a temporary name next to OUT_DIR and renamed
+into place, so OUT_DIR is either the old content or the complete new one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from shipyard.checkpoint.weights import DirectoryWeights
+from shipyard.errors import ShipyardError
+from shipyard.fsutil import publish
+from shipyard.export.hf import (
+    ModelMeta,
+    WeightLayout,
+    check_exportable,
+    plan_files,
+    target_dtype,
+    write_hf_metadata,
+    write_index,
+    write_weight_file,
+)
+
+CHECKPOINT_META = Path("shipyard") / "checkpoint.json"
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    files: list[str]
+    replaced: list[str]
+    dtype: str
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_meta(src: Path, trust_remote_code: bool = False) -> tuple[ModelMeta, dict]:
+    """The ModelMeta of a checkpoint or HF directory, and the checkpoint info ({} for plain HF dirs)."""
+    if not (src / "config.json").is_file():
+        raise ShipyardError(f"{src}: no config.json; expected a shipyard step directory or a Hugging Face model directory")
+    info = _read_json(src / CHECKPOINT_META)
+    try:
+        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise ShipyardError(f"{src}/config.json: {str(e).splitlines()[0]}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    check_exportable(config, tokenizer, str(src))
+    base_eos = _read_json(src / "generation_config.json").get("eos_token_id")
+    layout = WeightLayout.from_json(info.get("base_layout")) if info else WeightLayout.from_dir(src)
+    meta = ModelMeta(
+        config=config,
+        architecture=config.architectures[0],
+        tokenizer=tokenizer,
+        base_name=info.get("base_model", str(src)),
+        base_dir=src,
+        base_eos=base_eos,
+        layout=layout,
+    )
+    return meta, info
+
+
+def _check_special_tokens_fit(meta: ModelMeta, rows: int, src: Path) -> None:
+    ids = [i for i in meta.tokenizer.all_special_ids if i is not None]
+    ids += list(meta.tokenizer.get_added_vocab().values())
+    too_big = sorted({i for i in ids if i >= rows})
+    if too_big:
+        raise ShipyardError(
+            f"{src}: special token ids {too_big[:5]} are outside the embedding table ({rows} rows); "
+            "resize the embeddings before training so these tokens have rows"
+        )
+
+
+def _embedding_rows(weights: DirectoryWeights, meta: ModelMeta) -> int:
+    rows = [shape[0] for name, (shape, _) in weights.shapes.items() if name.endswith("embed_tokens.weight")]
+    return rows[0] if rows else getattr(meta.config.get_text_config(), "vocab_size", 0)
+
+
+def prepare_out_dir(out_dir: Path, force: bool) -> list[str]:
+    """Refuse a non-empty OUT_DIR unless `force`; return what would be replaced."""
+    if out_dir.is_file():
+        raise ShipyardError(f"{out_dir} is a file; give a directory path")
+    existing = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if existing and not force:
+        raise ShipyardError(
+            f"{out_dir} is not empty ({len(existing)} entries: {', '.join(existing[:6])}"
+            f"{', ...' if len(existing) > 6 else ''}); pass --force to replace it"
+        )
+    return existing
+
+
+def write_model_dir(
+    out_dir: Path, meta: ModelMeta, weights: DirectoryWeights, aliases: dict[str, str], dtype: torch.dtype | None
+) -> tuple[list[str], torch.dtype]:
+    """Metadata and weights of `meta`/`weights` into `out_dir` (tied aliases dropped)."""
+    names = [n for n in weights.shapes if n not in aliases]
+    shapes = {n: (weights.shapes[n][0], target_dtype(n, weights.shapes[n][1], meta.layout, dtype)) for n in names}
+    plan = plan_files(shapes, meta.layout)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for filename, group in plan.items():
+        tensors = weights.load(group)
+        write_weight_file(out_dir / filename, {n: tensors[n].to(shapes[n][1]) for n in group})
+    write_index(out_dir, plan, shapes)
+    dominant = max({d for _, d in shapes.values()}, key=lambda d: sum(s.numel() for s, dd in shapes.values() if dd == d))
+    write_hf_metadata(out_dir, meta, dominant)
+    return sorted(plan), dominant
+
+
+def export_checkpoint(
+    src: Path, out_dir: Path, force: bool = False, dtype: torch.dtype | None = None, trust_remote_code: bool = False
+) -> ExportResult:
+    src, out_dir = Path(src), Path(out_dir)
+    if not src.is_dir():
+        raise ShipyardError(f"{src} is not a directory")
+    meta, info = load_meta(src, trust_remote_code)
+    weights = DirectoryWeights(src)
+    _check_special_tokens_fit(meta, _embedding_rows(weights, meta), src)
+    replaced = prepare_out_dir(out_dir, force)
+
+    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        files, saved_dtype = write_model_dir(partial, meta, weights, info.get("tied", {}), dtype)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    publish(partial, out_dir)
+    return ExportResult(out_dir, files, replaced, str(saved_dtype).removeprefix("torch."))

@@ -1,0 +1,112 @@
+"""Load a Hugging Face causal LM and its tokenizer from a hub id, a local directory or a preset.
+
+`model.path` is resolved in this order: an existing local directory, a preset
+name, a hub id. Hub loading is the real `from_pretrained` (offline machines
+need the model in the local cache); `trust_remote_code` stays off unless the
+recipe turns it on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from shipyard.config import ModelConfig
+from shipyard.errors import ShipyardError, did_you_mean
+from shipyard.models.presets import PRESETS, preset_config
+
+log = logging.getLogger(__name__)
+
+SHIPPED_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
+
+
+@dataclass
+class ModelSource:
+    """Where the weights came from; export reuses the base's sharding and custom code."""
+
+    kind: str  # "preset" | "local" | "hub"
+    name: str  # as written in the recipe; becomes base_model_name_or_path
+    local_dir: Path | None  # directory holding the base's files, when there is one
+
+
+def resolve_source(path: str) -> ModelSource:
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ShipyardError(f"model.path '{path}' is a directory without config.json: not a Hugging Face model directory")
+        return ModelSource("local", path, local.resolve())
+    if path in PRESETS:
+        return ModelSource("preset", path, None)
+    looks_local = path.startswith((".", "/", "~")) or local.suffix in {".json", ".safetensors", ".bin"}
+    if looks_local or path.count("/") > 1:
+        raise ShipyardError(
+            f"model.path '{path}' does not exist. Give a local Hugging Face directory, a hub id "
+            f"(org/name), or a preset: {', '.join(PRESETS)}{did_you_mean(path, PRESETS)}"
+        )
+    return ModelSource("hub", path, None)
+
+
+def _hub_error(path: str, error: Exception) -> ShipyardError:
+    return ShipyardError(
+        f"could not load '{path}' from the Hugging Face hub or its local cache ({type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else ''}). Check the id, download it first "
+        f"(`hf download {path}`) on machines without internet, or point model.path at a local directory. "
+        f"Presets: {', '.join(PRESETS)}{did_you_mean(path, PRESETS)}"
+    )
+
+
+def load_tokenizer(cfg: ModelConfig, source: ModelSource) -> PreTrainedTokenizerBase:
+    name = cfg.tokenizer or (str(SHIPPED_TOKENIZER) if source.kind == "preset" else source.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _hub_error(name, e) from None
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and loss, so any id works; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, source: ModelSource, seed: int) -> PreTrainedModel:
+    """The model in fp32 on CPU; parallel/ moves, shards and casts it."""
+    if source.kind == "preset":
+        config = preset_config(source.name)
+        config._attn_implementation = cfg.attn_implementation
+        torch.manual_seed(seed)  # presets start from random weights: make them reproducible
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.name_or_path = source.name
+        return model
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source.local_dir or source.name),
+            dtype=torch.float32,
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
+        )
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ShipyardError(
+                f"'{source.name}' ships its own modelling code; set model.trust_remote_code=true "
+                "if you trust it (it runs that Python code)"
+            ) from None
+        raise ShipyardError(f"'{source.name}' cannot be loaded as a causal LM: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise _hub_error(source.name, e) from None
+    return model
+
+
+def load(cfg: ModelConfig, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]:
+    source = resolve_source(cfg.path)
+    tokenizer = load_tokenizer(cfg, source)
+    model = load_model(cfg, source, seed)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        # Added special tokens must own embedding rows, or they index past the table at train and serve time.
+        new_rows = -(-len(tokenizer) // 64) * 64
+        log.warning("tokenizer has %d tokens but the model %d embedding rows: resizing to %d", len(tokenizer), rows, new_rows)
+        model.resize_token_embeddings(new_rows)
+    return model, tokenizer, source

@@ -1,0 +1,81 @@
+"""Evaluation: validation loss, and exact match of greedy answers on held-out prompts.
+
+Exact match renders each validation dialog up to its last assistant turn with
+the chat template, generates greedily until an end-of-turn token, and compares
+the answer with the reference (whitespace-stripped). It is generic for any
+chat data and is the quickstart's pass/fail number.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from shipyard.config import EvalConfig
+from shipyard.data.chat import Sample, prompt_and_reference, render_text
+from shipyard.data.loader import eval_batches
+from shipyard.data.sources import Record
+from shipyard.parallel.dist import DistInfo, all_reduce_sum
+from shipyard.train.loss import causal_lm_loss
+
+
+@torch.no_grad()
+def validation_loss(model, samples: list[Sample], batch_size: int, pad_id: int, chunk: int, dist_info: DistInfo, autocast) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for batch in eval_batches(samples, batch_size, pad_id, dist_info.rank, dist_info.world_size):
+        batch = {k: v.to(dist_info.device) for k, v in batch.items()}
+        with autocast():
+            loss_sum, n = causal_lm_loss(model, batch, chunk)
+        total += loss_sum.item()
+        count += n
+    model.train()
+    total = all_reduce_sum(total, dist_info.device)
+    count = all_reduce_sum(count, dist_info.device)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def greedy_answers(
+    model, tokenizer: PreTrainedTokenizerBase, prompts: list[list[dict]], eos_ids: list[int], cfg: EvalConfig, device, synced: bool = False
+) -> list[str]:
+    """Greedy completions of chat prompts, decoded without special tokens."""
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation appends on the right: pad prompts on the left
+    answers = []
+    try:
+        for start in range(0, len(prompts), cfg.batch_size):
+            texts = [render_text(tokenizer, p, add_generation_prompt=True) for p in prompts[start : start + cfg.batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model.generate(
+                **enc,
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos_ids,
+                pad_token_id=tokenizer.pad_token_id,
+                synced_gpus=synced,  # FSDP: every rank must run the same number of forwards
+            )
+            new = out[:, enc["input_ids"].shape[1] :]
+            answers.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        model.train()
+    return answers
+
+
+def exact_match(
+    model, tokenizer, records: list[Record], eos_ids: list[int], cfg: EvalConfig, dist_info: DistInfo
+) -> dict:
+    """{"exact_match": fraction, "num_prompts": n, "examples": first few (prompt, expected, got)}."""
+    records = records[: cfg.max_prompts]
+    pairs = [prompt_and_reference(r) for r in records]
+    answers = greedy_answers(
+        model, tokenizer, [p for p, _ in pairs], eos_ids, cfg, dist_info.device, synced=dist_info.distributed
+    )
+    hits = [a.strip() == ref.strip() for a, (_, ref) in zip(answers, pairs)]
+    examples = [
+        {"prompt": p[-1]["content"], "expected": ref, "got": a.strip()}
+        for (p, ref), a in list(zip(pairs, answers))[:5]
+    ]
+    return {"exact_match": sum(hits) / max(len(hits), 1), "num_prompts": len(hits), "examples": examples}
