@@ -38,7 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(recipe_arg, overrides)
     from shipyard.train.loop import train  # heavy imports only after the recipe validated
 
-    summary = train(recipe)
+    summary = train(recipe).summary
     if int(os.environ.get("RANK", "0")) == 0:
         _print_train_report(recipe, summary)
     return 0

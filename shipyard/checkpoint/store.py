@@ -29,8 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -41,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from shipyard.errors import ShipyardError
 from shipyard.fsutil import publish, write_text_atomic
-from shipyard.checkpoint.weights import DirectoryWeights
+from shipyard.checkpoint.weights import DirectoryWeights, dcp_load, dcp_save
 from shipyard.export.hf import (
     ModelMeta,
     WeightLayout,
@@ -126,10 +124,10 @@ def save_checkpoint(
         weights_dtype = write_weights(partial, state, WeightLayout())
     else:
         state = model_state_for_save(model, aliases, full=False)
-        dcp.save(state, checkpoint_id=str(partial / "shipyard" / "model"))
+        dcp_save(state, partial / "shipyard" / "model")
         weights_dtype = next(iter(state.values())).dtype
     optim_state = get_optimizer_state_dict(model, optimizer)
-    dcp.save(optim_state, checkpoint_id=str(partial / "shipyard" / "optimizer"), no_dist=single)
+    dcp_save(optim_state, partial / "shipyard" / "optimizer")
     torch.save(_rng_state(), partial / "shipyard" / "rng" / f"rank_{dist_info.rank:05d}.pt")
 
     if dist_info.is_main:
@@ -223,7 +221,7 @@ def _load_weights(step_dir: Path, model: torch.nn.Module, info: dict) -> None:
     dcp_dir = step_dir / "shipyard" / "model"
     if dcp_dir.is_dir():
         state = {k: v for k, v in get_model_state_dict(model).items() if k not in aliases}
-        dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=not dist.is_initialized())
+        dcp_load(state, dcp_dir)
         set_model_state_dict(model, state, options=StateDictOptions(strict=False))
         return
     weights = DirectoryWeights(step_dir)
@@ -240,7 +238,7 @@ def load_checkpoint(step_dir: Path, *, model: torch.nn.Module, optimizer: torch.
     check_fingerprint(step_dir, model, info)
     _load_weights(step_dir, model, info)
     optim_state = get_optimizer_state_dict(model, optimizer)
-    dcp.load(optim_state, checkpoint_id=str(step_dir / "shipyard" / "optimizer"), no_dist=not dist_info.distributed)
+    dcp_load(optim_state, step_dir / "shipyard" / "optimizer")
     set_optimizer_state_dict(model, optimizer, optim_state)
     rng_file = step_dir / "shipyard" / "rng" / f"rank_{dist_info.rank:05d}.pt"
     if info["world_size"] == dist_info.world_size and rng_file.is_file():

@@ -10,15 +10,35 @@ more memory than the output file being written.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from shipyard.errors import ShipyardError
 from shipyard.export.hf import INDEX_FILE, SINGLE_FILE
+
+
+def _no_dist() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
+def dcp_save(state: dict, path: Path) -> None:
+    """`dcp.save`, single-process when no process group is up (without DCP's warning that says so)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=str(path), no_dist=_no_dist())
+
+
+def dcp_load(state: dict, path: Path, local_only: bool = False) -> None:
+    """`dcp.load` into `state` in place; `local_only` reads full tensors in this process alone."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path), no_dist=local_only or _no_dist())
 
 
 class DirectoryWeights:
@@ -75,7 +95,7 @@ class DirectoryWeights:
                     out.update({n: f.get_tensor(n) for n in group})
             return out
         state = {n: torch.empty(self.shapes[n][0], dtype=self.shapes[n][1]) for n in names}
-        dcp.load(state, checkpoint_id=str(self.dcp_dir), no_dist=True)
+        dcp_load(state, self.dcp_dir, local_only=True)
         return state
 
 

@@ -48,11 +48,18 @@ def render_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_ge
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-@lru_cache(maxsize=8)
 def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
     """The special token the template writes right after an assistant message ('' if none)."""
+    return _end_of_turn(tokenizer, tokenizer.chat_template)
+
+
+@lru_cache(maxsize=8)
+def _end_of_turn(tokenizer: PreTrainedTokenizerBase, template: str) -> str:
+    # `template` is part of the cache key: a tokenizer whose template is replaced gets a fresh answer.
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]
     text = render_text(tokenizer, probe)
+    if _SENTINEL not in text:
+        return ""
     after = text[text.index(_SENTINEL) + len(_SENTINEL) :].lstrip(" \t")
     specials = sorted(tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()), key=len, reverse=True)
     return next((tok for tok in specials if tok and after.startswith(tok)), "")

@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -104,7 +104,14 @@ def train_step(model, micro_batches, optimizer, scheduler, recipe: Recipe, dist_
     return metrics
 
 
-def train(recipe: Recipe) -> dict:
+@dataclass
+class TrainResult:
+    summary: dict
+    model: torch.nn.Module  # the trained model, still in memory (tests compare it with the exported files)
+    tokenizer: object
+
+
+def train(recipe: Recipe) -> TrainResult:
     dist_info = init_distributed(recipe.train.device)
     out = recipe.out_dir
     ckpt_root = out / "checkpoints"
@@ -206,4 +213,4 @@ def train(recipe: Recipe) -> dict:
     if main:
         write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         plot_loss(out / "metrics.jsonl", out / "loss.png")
-    return summary
+    return TrainResult(summary, model, tokenizer)

@@ -1,0 +1,62 @@
+"""Shared fixtures: the shipped tokenizer, tiny recipes, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shipyard.config import load_recipe
+from shipyard.models.load import SHIPPED_TOKENIZER
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Deterministic CPU numerics for every test in this process (and the subprocesses it starts).
+torch.set_num_threads(2)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER)
+
+
+def tiny_overrides(out_dir: Path, steps: int = 6, records: int = 256) -> list[str]:
+    """Overrides that turn the quickstart into a seconds-long run writing to `out_dir`."""
+    return [
+        f"output_dir={out_dir}",
+        f"train.max_steps={steps}",
+        "train.micro_batch_size=8",
+        f"data.train={{synthetic: reverse_words, num_records: {records}, seed: 0}}",
+        "data.validation={synthetic: reverse_words, num_records: 16, seed: 1}",
+        "eval.max_prompts=8",
+        "checkpoint.every_steps=null",
+        "optim.warmup_steps=2",
+    ]
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    def make(*extra: str, steps: int = 6, out: Path | None = None):
+        return load_recipe("quickstart", tiny_overrides(out or tmp_path / "run", steps) + list(extra))
+
+    return make
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m shipyard ARGS` as a user would; returns the completed process (text)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "shipyard", *args],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+
+from shipyard.config import Recipe, dump_recipe, load_recipe, shipped_recipes
+from shipyard.errors import ShipyardError
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_shipped_recipes_validate():
+    assert "quickstart" in shipped_recipes()
+    for name in shipped_recipes():
+        assert isinstance(load_recipe(name), Recipe)
+
+
+def test_unknown_key_names_key_and_closest(tmp_path):
+    path = write(tmp_path, "data: {train: x.jsonl}\noptim:\n  lrr: 0.1\n")
+    with pytest.raises(ShipyardError) as e:
+        load_recipe(path)
+    assert "unknown key 'optim.lrr'" in str(e.value)
+    assert "did you mean 'lr'" in str(e.value)
+
+
+def test_unknown_top_level_section(tmp_path):
+    with pytest.raises(ShipyardError, match=r"unknown key 'trian'.*did you mean 'train'"):
+        load_recipe(write(tmp_path, "data: {train: x.jsonl}\ntrian: {max_steps: 3}\n"))
+
+
+def test_override_sets_typed_values_and_unknown_override_fails():
+    recipe = load_recipe("quickstart", ["optim.lr=3e-4", "train.max_steps=200", "optim.betas=[0.8, 0.9]"])
+    assert recipe.optim.lr == 3e-4 and recipe.train.max_steps == 200 and recipe.optim.betas == (0.8, 0.9)
+    with pytest.raises(ShipyardError, match=r"unknown key 'train.max_step'.*did you mean 'max_steps'"):
+        load_recipe("quickstart", ["train.max_step=3"])
+
+
+def test_bad_value_and_bad_override_syntax():
+    with pytest.raises(ShipyardError, match=r"'optim.lr'.*greater than 0"):
+        load_recipe("quickstart", ["optim.lr=-1"])
+    with pytest.raises(ShipyardError, match="key.path=value"):
+        load_recipe("quickstart", ["optim.lr"])
+
+
+def test_data_source_needs_exactly_one_kind(tmp_path):
+    with pytest.raises(ShipyardError, match="exactly one of 'path' or 'synthetic'"):
+        load_recipe(write(tmp_path, "data:\n  train: [{num_records: 3}]\n"))
+
+
+def test_output_dir_defaults_to_runs_name(tmp_path):
+    recipe = load_recipe(write(tmp_path, "name: demo\ndata: {train: x.jsonl}\n"))
+    assert recipe.out_dir == Path("runs/demo")
+    assert recipe.data.train[0].path == "x.jsonl"
+
+
+def test_dump_round_trips():
+    recipe = load_recipe("quickstart")
+    import yaml
+
+    again = Recipe.model_validate(yaml.safe_load(dump_recipe(recipe)))
+    assert again == recipe
+
+
+def test_nothing_is_executed_from_yaml(tmp_path):
+    # A python tag is refused by the safe loader instead of being constructed.
+    with pytest.raises(ShipyardError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "data: !!python/object/apply:os.system ['echo pwned']\n"))
