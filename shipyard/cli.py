@@ -90,6 +90,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from shipyard.verify.run import format_report, verify
+
+    report = verify(Path(args.dir), max_new_tokens=args.max_new_tokens, allow_missing_vllm=args.allow_missing_vllm,
+                    trust_remote_code=args.trust_remote_code)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0 if report["ok"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shipyard",
@@ -133,6 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cast weights (default: the base model's per-tensor dtypes, else as trained)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to load its config")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "verify",
+        help="prove a directory serves: transformers vs vLLM greedy tokens, chat-template parity",
+        description="Load DIR in transformers and in vLLM (a subprocess), answer the same chat prompts greedily "
+        "(the run's validation prompts when DIR came from shipyard), and compare token ids and logprobs. Also "
+        "checks that DIR's chat template renders exactly what training rendered and that every assistant turn "
+        "ends with an EOS id. Exit 0 only when everything agrees.",
+        epilog="examples:\n  shipyard verify runs/quickstart/final\n  shipyard verify runs/quickstart/final --json | jq .ok",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("dir", help="a Hugging Face directory, e.g. runs/NAME/final")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens compared per prompt (default: 32)")
+    p.add_argument("--allow-missing-vllm", action="store_true", help="exit 0 without vLLM installed (reports available: false)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
+    p.set_defaults(func=cmd_verify)
     return parser
 
 
@@ -145,6 +171,7 @@ def _setup_logging(verbose: bool) -> None:
             from transformers.utils import logging as hf_logging
 
             hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
         except ImportError:
             pass
 

@@ -26,6 +26,7 @@ class Datasets:
     train: list[Sample]
     validation: list[Sample]
     validation_records: list[Record]  # raw dialogs, for generation evals
+    train_head: list[Record] = field(default_factory=list)  # the first training dialogs, for probes
     skipped: SkipCounter = field(default_factory=SkipCounter)
     truncated: int = 0
 
@@ -78,7 +79,7 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
         if before - len(train_records):
             skipped["duplicate_of_validation"] += before - len(train_records)
 
-    train, _, truncated = tokenize_records(train_records, tokenizer, cfg, skipped)
+    train, train_kept, truncated = tokenize_records(train_records, tokenizer, cfg, skipped)
     validation, val_kept, val_truncated = tokenize_records(val_records, tokenizer, cfg, skipped)
     if not train:
         sources = ", ".join(s.describe() for s in cfg.train)
@@ -86,7 +87,7 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
             f"no training samples left in {sources}: skipped {skipped.report()}. "
             'Each record needs {"messages": [...]} with at least one assistant turn.'
         )
-    return Datasets(train, validation, val_kept, skipped, truncated + val_truncated)
+    return Datasets(train, validation, val_kept, train_kept[:64], skipped, truncated + val_truncated)
 
 
 def count_targets(samples: list[Sample]) -> int:

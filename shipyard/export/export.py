@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoTokenizer
 from shipyard.checkpoint.weights import DirectoryWeights
 from shipyard.errors import ShipyardError
 from shipyard.fsutil import publish
+from shipyard.verify.probe import read_probe
 from shipyard.export.hf import (
     ModelMeta,
     WeightLayout,
@@ -69,6 +70,7 @@ def load_meta(src: Path, trust_remote_code: bool = False) -> tuple[ModelMeta, di
         base_dir=src,
         base_eos=base_eos,
         layout=layout,
+        probe=read_probe(src),
     )
     return meta, info
 

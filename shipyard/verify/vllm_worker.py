@@ -1,0 +1,95 @@
+"""Run greedy chat generation in vLLM, in its own process.
+
+    python -m shipyard.verify.vllm_worker REQUEST.json RESULT.json
+
+REQUEST holds a list of jobs (a model directory, optionally a LoRA adapter,
+dialogs, how many tokens); every job is served by a fresh `vllm.LLM` in this
+one process, so a test suite pays vLLM's import once for several checks.
+Prompts go through `LLM.chat`, i.e. vLLM's own chat-template rendering, and
+the rendered prompt ids come back with the generated tokens: `verify`
+compares both with transformers.
+
+A separate process because vLLM spawns workers (it must be started under
+`__main__`), takes the whole CPU while it runs, and should not share a
+process with a training run's state.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+
+# vLLM's CPU backend reserves this many GiB for the KV cache; the default does not fit small machines.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+def engine_kwargs(job: dict) -> dict:
+    kwargs = dict(
+        model=job["model"],
+        tokenizer=job.get("tokenizer") or job["model"],
+        dtype=job.get("dtype", "float32"),
+        seed=0,
+        max_model_len=job.get("max_model_len", 1024),
+        max_num_seqs=max(1, len(job["dialogs"])),
+        enforce_eager=True,  # no compile/graph capture: start-up dominates a verification run
+        gpu_memory_utilization=float(os.environ.get("SHIPYARD_VLLM_GPU_MEMORY_UTILIZATION", "0.3")),
+        trust_remote_code=job.get("trust_remote_code", False),
+    )
+    if job.get("lora"):
+        kwargs.update(enable_lora=True, max_lora_rank=job.get("max_lora_rank", 16), max_loras=1)
+    return kwargs
+
+
+def run_job(job: dict) -> dict:
+    from vllm import LLM, SamplingParams
+
+    started = time.perf_counter()
+    llm = LLM(**engine_kwargs(job))
+    loaded = time.perf_counter() - started
+    params = SamplingParams(temperature=0.0, max_tokens=job["max_new_tokens"], ignore_eos=True, logprobs=0)
+    lora = None
+    if job.get("lora"):
+        from vllm.lora.request import LoRARequest
+
+        lora = LoRARequest("verify", 1, job["lora"])
+    outputs = llm.chat(job["dialogs"], params, use_tqdm=False, lora_request=lora)
+    result = {
+        "load_seconds": loaded,
+        "generate_seconds": time.perf_counter() - started - loaded,
+        "dtype": str(llm.llm_engine.model_config.dtype).removeprefix("torch."),
+        "prompt_token_ids": [list(o.prompt_token_ids) for o in outputs],
+        "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+        "logprobs": [
+            [step[token].logprob for step, token in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+            for o in outputs
+        ],
+    }
+    del llm
+    gc.collect()
+    return result
+
+
+def main() -> int:
+    request_path, result_path = sys.argv[1], sys.argv[2]
+    with open(request_path) as f:
+        jobs = json.load(f)["jobs"]
+    import vllm
+
+    results = []
+    for job in jobs:
+        try:
+            results.append({"ok": True, **run_job(job)})
+        except Exception as e:  # reported to the parent, which names the job and shows the reason
+            results.append({"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+    with open(result_path, "w") as f:
+        json.dump({"vllm_version": vllm.__version__, "results": results}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
