@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from shipyard.export.hf import (
     ModelMeta,
     WeightLayout,
     check_exportable,
+    normalise_tokenizer_files,
     plan_files,
     target_dtype,
     write_hf_metadata,
@@ -55,10 +57,7 @@ def load_meta(src: Path, trust_remote_code: bool = False) -> tuple[ModelMeta, di
         config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     except ValueError as e:
         raise ShipyardError(f"{src}/config.json: {str(e).splitlines()[0]}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
+    tokenizer = load_tokenizer_normalised(src, trust_remote_code)
     check_exportable(config, tokenizer, str(src))
     base_eos = _read_json(src / "generation_config.json").get("eos_token_id")
     layout = WeightLayout.from_json(info.get("base_layout")) if info else WeightLayout.from_dir(src)
@@ -73,6 +72,31 @@ def load_meta(src: Path, trust_remote_code: bool = False) -> tuple[ModelMeta, di
         probe=read_probe(src),
     )
     return meta, info
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp", ".gguf")
+
+
+def load_tokenizer_normalised(src: Path, trust_remote_code: bool = False):
+    """The tokenizer of `src`, read after the export normalisation (None when there is none).
+
+    Normalising first matters: a tokenizer_config.json naming a class this
+    transformers cannot import (`TokenizersBackend` saved by a newer version,
+    a private class) does not even load until its class is normalised.
+    """
+    if not (src / "tokenizer_config.json").is_file():
+        return None
+    with tempfile.TemporaryDirectory(prefix="shipyard-tok-") as tmp:
+        for item in src.iterdir():
+            if item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES):
+                shutil.copy2(item, tmp)
+            elif item.is_dir() and item.name == "additional_chat_templates":
+                shutil.copytree(item, Path(tmp) / item.name)
+        normalise_tokenizer_files(Path(tmp))
+        try:
+            return AutoTokenizer.from_pretrained(tmp, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
 
 
 def _check_special_tokens_fit(meta: ModelMeta, rows: int, src: Path) -> None:

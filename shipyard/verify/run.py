@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import transformers
@@ -76,20 +77,26 @@ def template_parity(tokenizer, probe: dict | None, eos_ids: list[int]) -> dict:
     dialog = recorded["messages"] if recorded else BUILTIN_DIALOG
     text = tokenizer.apply_chat_template(dialog, tokenize=False)
     served = tokenizer(text, add_special_tokens=False)["input_ids"]
-    pipeline = tokenize_dialog(tokenizer, Record(dialog, "verify"))
     problems = []
+    try:
+        labels = tokenize_dialog(tokenizer, Record(dialog, "verify")).labels
+    except ShipyardError as e:
+        labels = None
+        problems.append(f"shipyard cannot derive the loss mask with this template: {e}")
     if recorded:
         at = first_difference(recorded["input_ids"], served)
         if at is not None:
-            problems.append(
+            problems.insert(0,
                 f"chat template drift at token {at}: training rendered {_show(tokenizer, recorded['input_ids'], at)}, "
                 f"the exported template renders {_show(tokenizer, served, at)}"
             )
-        elif recorded["labels"] != pipeline.labels:
-            at = first_difference(recorded["labels"], pipeline.labels)
+        elif labels is not None and recorded["labels"] != labels:
+            at = first_difference(recorded["labels"], labels)
             problems.append(f"loss mask drift at token {at} ({_show(tokenizer, served, at)})")
-    ends = [pipeline.labels[i] for i in range(len(pipeline.labels))
-            if pipeline.labels[i] != IGNORE_INDEX and (i + 1 == len(pipeline.labels) or pipeline.labels[i + 1] == IGNORE_INDEX)]
+    ends = [] if labels is None else [
+        labels[i] for i in range(len(labels))
+        if labels[i] != IGNORE_INDEX and (i + 1 == len(labels) or labels[i + 1] == IGNORE_INDEX)
+    ]
     missing = sorted({tokenizer.convert_ids_to_tokens(t) for t in ends if t not in eos_ids})
     if missing:
         problems.append(
@@ -130,9 +137,18 @@ def compare_generations(hf: list[tuple[list[int], list[float]]], vllm: dict, hf_
     return rows
 
 
-def verify(
-    directory: Path, *, max_new_tokens: int = 32, allow_missing_vllm: bool = False, trust_remote_code: bool = False
-) -> dict:
+@dataclass
+class Prepared:
+    """The transformers half of a verification, and the job for the vLLM half."""
+
+    tokenizer: object
+    prompt_ids: list[list[int]]
+    hf: list[tuple[list[int], list[float]]]
+    report: dict
+    job: dict
+
+
+def prepare(directory: Path, *, max_new_tokens: int, trust_remote_code: bool) -> Prepared:
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise ShipyardError(f"{directory}: no config.json; give an exported directory (e.g. runs/NAME/final)")
@@ -151,19 +167,21 @@ def verify(
                          "token_ids": [t for t, _ in hf]},
         "template": template_parity(tokenizer, probe, eos_ids_of(directory, tokenizer)),
     }
-    report["template_parity"] = report["template"]["ok"]
+    job = {"model": str(directory), "dialogs": dialogs, "max_new_tokens": max_new_tokens,
+           "trust_remote_code": trust_remote_code, "max_model_len": model_len_for(model, prompt_ids, max_new_tokens)}
+    return Prepared(tokenizer, prompt_ids, hf, report, job)
 
-    vllm_report: dict = {"available": vllm_available()}
-    if vllm_report["available"]:
-        job = {"model": str(directory), "dialogs": dialogs, "max_new_tokens": max_new_tokens,
-               "trust_remote_code": trust_remote_code, "max_model_len": model_len_for(model, prompt_ids, max_new_tokens)}
-        out = run_vllm_jobs([job])
-        result = out["results"][0]
-        vllm_report["version"] = out["vllm_version"]
+
+def finish(prep: Prepared, vllm_version: str | None, result: dict | None, allow_missing_vllm: bool) -> dict:
+    """Compare the vLLM result (None: vLLM not installed) with the transformers half; fill in `ok`."""
+    report, tokenizer = prep.report, prep.tokenizer
+    vllm_report: dict = {"available": result is not None}
+    if result is not None:
+        vllm_report["version"] = vllm_version
         if not result["ok"]:
             vllm_report.update(loaded=False, greedy_match=False, error=result["error"])
         else:
-            rows = compare_generations(hf, result, prompt_ids)
+            rows = compare_generations(prep.hf, result, prep.prompt_ids)
             vllm_report.update(
                 loaded=True,
                 dtype=result["dtype"],
@@ -173,18 +191,34 @@ def verify(
                 prompt_ids_match=all(r["prompt_ids_equal"] for r in rows),
                 max_abs_logprob_diff=max((r["max_abs_logprob_diff"] or 0.0) for r in rows),
             )
-            if not vllm_report["prompt_ids_match"]:
-                i = next(i for i, r in enumerate(rows) if not r["prompt_ids_equal"])
-                at = rows[i]["prompt_first_difference"]
-                report["template"]["problems"].append(
-                    f"vLLM renders prompt {i} differently at token {at}: {_show(tokenizer, result['prompt_token_ids'][i], at)} "
-                    f"vs transformers {_show(tokenizer, prompt_ids[i], at)}"
-                )
-                report["template"]["ok"] = report["template_parity"] = False
+            for i, row in enumerate(rows):
+                if not row["prompt_ids_equal"]:
+                    at = row["prompt_first_difference"]
+                    report["template"]["problems"].append(
+                        f"vLLM renders prompt {i} differently at token {at}: "
+                        f"{_show(tokenizer, result['prompt_token_ids'][i], at)} vs transformers {_show(tokenizer, prep.prompt_ids[i], at)}"
+                    )
+                    report["template"]["ok"] = False
+    report["template_parity"] = report["template"]["ok"]
     report["vllm"] = vllm_report
-    vllm_ok = vllm_report.get("greedy_match", False) if vllm_report["available"] else allow_missing_vllm
+    vllm_ok = vllm_report.get("greedy_match", False) if result is not None else allow_missing_vllm
     report["ok"] = bool(report["template_parity"] and vllm_ok)
     return report
+
+
+def verify_many(
+    directories: list[Path], *, max_new_tokens: int = 32, allow_missing_vllm: bool = False, trust_remote_code: bool = False
+) -> list[dict]:
+    """Verify several directories with one vLLM worker process (vLLM's import is paid once)."""
+    preps = [prepare(d, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code) for d in directories]
+    if not vllm_available():
+        return [finish(p, None, None, allow_missing_vllm) for p in preps]
+    out = run_vllm_jobs([p.job for p in preps])
+    return [finish(p, out["vllm_version"], r, allow_missing_vllm) for p, r in zip(preps, out["results"])]
+
+
+def verify(directory: Path, **kwargs) -> dict:
+    return verify_many([directory], **kwargs)[0]
 
 
 def format_report(report: dict) -> str:

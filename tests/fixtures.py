@@ -1,0 +1,87 @@
+"""Hugging Face directories with the defects real checkpoints have, built from tiny presets.
+
+Weights are drawn with std 0.1 instead of the usual 0.02: at 0.02 a random
+tiny model's logits are so flat that greedy choices hinge on 1e-6 differences,
+and engine comparisons on such a model test luck, not correctness.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from shipyard.models.load import SHIPPED_TOKENIZER
+from shipyard.models.presets import preset_config
+
+
+def random_model(preset: str = "qwen3-tiny", seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(preset_config(preset))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 2:
+                param.normal_(0, 0.1)
+    return model.eval()
+
+
+def save_model_dir(out: Path, preset: str = "qwen3-tiny", seed: int = 0, dtype=None, max_shard_size: str | None = None) -> Path:
+    """`save_pretrained` of a random preset plus the shipped tokenizer, as transformers 5 writes them."""
+    model = random_model(preset, seed)
+    if dtype is not None:
+        model = model.to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kwargs)
+    AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER).save_pretrained(out)
+    return out
+
+
+def edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data, indent=2))
+
+
+def with_unknown_tokenizer_class(out: Path) -> Path:
+    save_model_dir(out)
+    edit_json(out / "tokenizer_config.json", tokenizer_class="AcmeInternalTokenizer")
+    return out
+
+
+def with_stale_quantization_config(out: Path) -> Path:
+    save_model_dir(out)
+    edit_json(out / "config.json", quantization_config={"quant_method": "fp8", "activation_scheme": "dynamic"})
+    return out
+
+
+def with_custom_code_in_subfolder(out: Path) -> Path:
+    """A trust_remote_code model whose code lives in custom_code/ and imports a sibling module."""
+    save_model_dir(out)
+    code = out / "custom_code"
+    code.mkdir()
+    (code / "configuration_tiny.py").write_text(
+        "from transformers import Qwen3Config\n\n\nclass TinyConfig(Qwen3Config):\n    model_type = 'qwen3'\n"
+    )
+    (code / "helpers.py").write_text("MARKER = 'shipyard custom code'\n")
+    (code / "modeling_tiny.py").write_text(
+        "from transformers import Qwen3ForCausalLM\n\nfrom .configuration_tiny import TinyConfig\n"
+        "from .helpers import MARKER  # noqa: F401\n\n\nclass TinyForCausalLM(Qwen3ForCausalLM):\n"
+        "    config_class = TinyConfig\n"
+    )
+    edit_json(out / "config.json", auto_map={
+        "AutoConfig": "custom_code/configuration_tiny.TinyConfig",
+        "AutoModelForCausalLM": "custom_code/modeling_tiny.TinyForCausalLM",
+    })
+    return out
+
+
+def copy_dir(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

@@ -1,0 +1,111 @@
+"""`shipyard verify`: agreement is proven, and each kind of disagreement is named."""
+
+import json
+
+import pytest
+
+from shipyard import cli
+from shipyard.train.loop import train
+from shipyard.verify import run as verify_run
+from shipyard.verify.hf_greedy import load_for_verify
+from shipyard.verify.probe import read_probe
+from shipyard.verify.run import eos_ids_of, template_parity
+from tests.conftest import run_cli, tiny_overrides
+from tests.fixtures import edit_json
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained long enough that its greedy choices are not near-ties; returns final/."""
+    out = tmp_path_factory.mktemp("verify") / "run"
+    proc = run_cli("train", "quickstart", *tiny_overrides(out, steps=60, records=2000), "eval.generate=false")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out / "final"
+
+
+def test_probe_records_training_rendering(trained):
+    probe = read_probe(trained)
+    assert len(probe["prompts"]) == 8 and probe["prompts"][0][0]["content"].startswith("reverse: ")
+    rendered = probe["training_render"]
+    assert len(rendered["input_ids"]) == len(rendered["labels"])
+    _, tok = load_for_verify(trained)
+    assert template_parity(tok, probe, eos_ids_of(trained, tok)) == {
+        "ok": True, "recorded_at_training": True, "tokens": len(rendered["input_ids"]), "problems": []}
+
+
+def test_changed_template_is_named(trained, tmp_path):
+    _, tok = load_for_verify(trained)
+    tok.chat_template = tok.chat_template.replace("'\\n' + message['content']", "': ' + message['content']")
+    result = template_parity(tok, read_probe(trained), eos_ids_of(trained, tok))
+    assert not result["ok"]
+    assert "chat template drift at token 2: training rendered" in result["problems"][0]
+    assert "user\\n" in result["problems"][0] and "user: " in result["problems"][0]
+
+
+def test_missing_eos_is_named(trained):
+    _, tok = load_for_verify(trained)
+    result = template_parity(tok, read_probe(trained), eos_ids=[0])
+    assert result["problems"] == [
+        "assistant turns end with ['<|im_end|>'], which generation_config.json does not list as EOS ([0]): "
+        "the served model would not stop"
+    ]
+
+
+def test_without_vllm_says_so_and_fails_unless_allowed(trained, monkeypatch, capsys):
+    monkeypatch.setattr(verify_run, "vllm_available", lambda: False)
+    assert cli.main(["verify", str(trained), "--json", "--max-new-tokens", "4"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["vllm"] == {"available": False} and report["ok"] is False and report["template_parity"] is True
+    assert cli.main(["verify", str(trained), "--max-new-tokens", "4", "--allow-missing-vllm"]) == 0
+    assert "vLLM: not installed" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_verify_trained_checkpoint_passes(trained):
+    proc = run_cli("verify", str(trained), "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["ok"] and report["template_parity"]
+    assert report["vllm"]["available"] and report["vllm"]["greedy_match"] and report["vllm"]["prompt_ids_match"]
+    assert [r["matched_tokens"] for r in report["vllm"]["per_prompt"]] == [32] * 8
+    assert report["vllm"]["max_abs_logprob_diff"] < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_broken_export_fails_with_the_difference_named(trained, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained, broken)
+    cfg = json.loads((broken / "tokenizer_config.json").read_text())
+    edit_json(broken / "tokenizer_config.json",
+              chat_template=cfg["chat_template"].replace("'\\n' + message['content']", "': ' + message['content']"))
+    proc = run_cli("verify", str(broken))
+    assert proc.returncode == 1, proc.stdout
+    assert "template parity: FAILED" in proc.stdout
+    assert "chat template drift at token 2" in proc.stdout and "NOT OK" in proc.stdout
+
+
+@pytest.mark.slow
+def test_training_from_a_sharded_bf16_base_exports_like_the_base(tmp_path):
+    from safetensors import safe_open
+
+    from tests.fixtures import save_model_dir
+    import torch
+
+    base = save_model_dir(tmp_path / "base", dtype=torch.bfloat16, max_shard_size="120KB")
+    index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    out = tmp_path / "run"
+    from shipyard.config import load_recipe
+
+    train(load_recipe("quickstart", tiny_overrides(out, steps=3) + [f"model.path={base}", "eval.generate=false"]))
+    final = out / "final"
+    assert json.loads((final / "model.safetensors.index.json").read_text())["weight_map"] == index
+    for name, filename in index.items():
+        with safe_open(final / filename, "pt") as f:
+            assert f.get_slice(name).get_dtype() == "BF16"
+    # the step directory keeps the fp32 training weights, for exact resume
+    with safe_open(out / "checkpoints" / "step_3" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(n).get_dtype() for n in f.keys()} == {"F32"}
