@@ -30,7 +30,7 @@ def grads_after_one_step(recipe, samples, micro_batch_size, accum):
     return {n: p.grad.clone() for n, p in model.named_parameters()}, metrics["train/loss"]
 
 
-@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\(\)` has been overridden")
+@pytest.mark.filterwarnings(r"ignore:Seems like `optimizer.step\(\)` has been overridden")
 def test_grad_accumulation_equals_big_batch(tiny_recipe, tokenizer):
     recipe = tiny_recipe()
     samples = build_datasets(recipe.data, tokenizer, seed=0).train[:4]

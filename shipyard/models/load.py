@@ -42,7 +42,9 @@ def resolve_source(path: str) -> ModelSource:
     if path in PRESETS:
         return ModelSource("preset", path, None)
     looks_local = path.startswith((".", "/", "~")) or local.suffix in {".json", ".safetensors", ".bin"}
-    if looks_local or path.count("/") > 1:
+    # A bare name close to a preset is a typo, not a hub id: say so now rather than after network retries.
+    typo = "/" not in path and did_you_mean(path, PRESETS)
+    if looks_local or path.count("/") > 1 or typo:
         raise ShipyardError(
             f"model.path '{path}' does not exist. Give a local Hugging Face directory, a hub id "
             f"(org/name), or a preset: {', '.join(PRESETS)}{did_you_mean(path, PRESETS)}"
