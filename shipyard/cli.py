@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,14 +32,28 @@ def _split_recipe_and_overrides(items: list[str]) -> tuple[str | None, list[str]
     return None, items
 
 
+def relaunch_with_torchrun(command: str, nproc: int, rest: list[str]) -> int:
+    """Run `shipyard COMMAND REST` under torchrun with `nproc` processes on this node."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "shipyard", command, *rest]
+    print("launching:", " ".join(cmd[2:]), flush=True)
+    return subprocess.call(cmd)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from shipyard.config import load_recipe
 
     recipe_arg, overrides = _split_recipe_and_overrides(args.recipe_and_overrides)
-    recipe = load_recipe(recipe_arg, overrides)
+    recipe = load_recipe(recipe_arg, overrides)  # validated here, before any process is spawned
+    if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
+        return relaunch_with_torchrun("train", args.nproc_per_node, args.recipe_and_overrides)
+    from shipyard.parallel.dist import destroy
     from shipyard.train.loop import train  # heavy imports only after the recipe validated
 
-    summary = train(recipe).summary
+    try:
+        summary = train(recipe).summary
+    finally:
+        destroy()
     if int(os.environ.get("RANK", "0")) == 0:
         _print_train_report(recipe, summary)
     return 0
@@ -59,6 +74,11 @@ def _print_train_report(recipe, summary: dict) -> None:
     if summary["skipped_records"]["total"]:
         print(f"skipped records: {summary['skipped_records']}")
     final = summary["final_checkpoint"]
+    if final is None:
+        step_dir = summary["last_step_checkpoint"]
+        print(f"\nsharded checkpoint: {step_dir} (checkpoint.consolidate=never)")
+        print(f"make a Hugging Face directory: shipyard consolidate {step_dir} OUT_DIR [--nproc-per-node N]")
+        return
     print(f"\nfinal checkpoint (Hugging Face, vLLM-ready): {final}")
     print(f"metrics: {out / 'metrics.jsonl'}, {out / 'loss.png'}, TensorBoard in {out / 'tensorboard'}")
     print("\nnext:")
@@ -87,6 +107,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     if result.replaced:
         print(f"replaced {len(result.replaced)} entries in {result.out_dir}: {', '.join(result.replaced)}")
     print(f"exported {args.checkpoint} -> {result.out_dir} ({len(result.files)} weight file(s), {result.dtype})")
+    return 0
+
+
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
+        rest = [args.step_dir, args.out_dir] + (["--force"] if args.force else [])
+        return relaunch_with_torchrun("consolidate", args.nproc_per_node, rest)
+    from shipyard.export.export import export_checkpoint
+    from shipyard.parallel.dist import destroy, init_distributed
+
+    dist_info = init_distributed("cpu")
+    try:
+        result = export_checkpoint(Path(args.step_dir), Path(args.out_dir), force=args.force, dist_info=dist_info)
+    finally:
+        destroy()
+    if dist_info.is_main:
+        print(f"consolidated {args.step_dir} -> {result.out_dir} ({len(result.files)} weight file(s), "
+              f"{result.dtype}, written by {dist_info.world_size} process(es))")
     return 0
 
 
@@ -120,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("recipe_and_overrides", nargs="*", metavar="[RECIPE] [KEY=VALUE ...]",
                    help="a recipe file or shipped recipe name (default: quickstart), then dotted overrides")
+    p.add_argument("--nproc-per-node", type=int, metavar="N",
+                   help="run N processes on this machine (spawns torchrun); FSDP2 shards the model over them")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("config", help="inspect recipes")
@@ -142,6 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cast weights (default: the base model's per-tensor dtypes, else as trained)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to load its config")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "consolidate",
+        help="turn a sharded (multi-rank) step directory into a vLLM-ready Hugging Face directory",
+        description="Read the DCP shards of STEP_DIR and write Hugging Face safetensors plus the metadata saved "
+        "with the checkpoint, following the export rules (same code as `shipyard export`). With several "
+        "processes, whole output files are divided among them.",
+        epilog="examples:\n  shipyard consolidate runs/NAME/checkpoints/step_1000 hf_out/\n"
+        "  shipyard consolidate runs/NAME/checkpoints/step_1000 hf_out/ --nproc-per-node 4",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("step_dir", help="a step directory (runs/NAME/checkpoints/step_N)")
+    p.add_argument("out_dir", help="output directory (must be empty or absent unless --force)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument("--nproc-per-node", type=int, metavar="N", help="split the work over N local processes")
+    p.set_defaults(func=cmd_consolidate)
 
     p = sub.add_parser(
         "verify",

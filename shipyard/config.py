@@ -105,6 +105,20 @@ class OptimConfig(Section):
 class CheckpointConfig(Section):
     every_steps: int | None = Field(None, gt=0, description="Save every N steps (and always at the end).")
     keep_last: int | None = Field(None, gt=0, description="Delete older step directories beyond this many.")
+    consolidate: Literal["final", "every", "never"] = Field(
+        "final",
+        description="Multi-rank runs: write HF safetensors for every step directory, only the final export, or "
+        "never (then `shipyard consolidate` later). Single-process step directories always hold safetensors.",
+    )
+
+
+class ParallelConfig(Section):
+    fsdp: Literal["auto", "on", "off"] = Field("auto", description="FSDP2 sharding; auto: on when world size > 1.")
+    dp_replicate: int = Field(1, gt=0, description="Replica groups (HSDP); ranks = dp_replicate x dp_shard.")
+    dp_shard: int = Field(-1, description="Ranks each replica shards over; -1: world size / dp_replicate.")
+    reshard_after_forward: bool = Field(True, description="Free gathered block weights after forward (saves memory).")
+    activation_checkpointing: Literal["none", "full"] = Field("none", description="Recompute each block in backward.")
+    compile: bool = Field(False, description="torch.compile each decoder block.")
 
 
 class EvalConfig(Section):
@@ -124,6 +138,7 @@ class Recipe(Section):
     optim: OptimConfig = OptimConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
+    parallel: ParallelConfig = ParallelConfig()
 
     @property
     def out_dir(self) -> Path:

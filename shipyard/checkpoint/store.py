@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import signal
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -40,11 +43,13 @@ from torch.distributed.checkpoint.state_dict import (
 from shipyard.errors import ShipyardError
 from shipyard.fsutil import publish, write_text_atomic
 from shipyard.checkpoint.weights import DirectoryWeights, dcp_load, dcp_save
+from shipyard.export.export import write_weight_files
 from shipyard.export.hf import (
     ModelMeta,
     WeightLayout,
     tied_aliases,
     write_hf_metadata,
+    write_index,
     write_weights,
 )
 from shipyard.parallel.dist import DistInfo, barrier, broadcast_object
@@ -90,11 +95,18 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def model_state_for_save(model: torch.nn.Module, aliases: dict[str, str], full: bool) -> dict[str, torch.Tensor]:
-    """The model's weights by HF name, tied aliases dropped; full tensors on rank 0 when `full`."""
-    options = StateDictOptions(full_state_dict=full, cpu_offload=full)
-    state = get_model_state_dict(model, options=options)
-    return {k: v for k, v in state.items() if k not in aliases}
+def model_state_for_save(model: torch.nn.Module, aliases: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The model's weights by HF name (sharded DTensors under FSDP), tied aliases dropped."""
+    return {k: v for k, v in get_model_state_dict(model).items() if k not in aliases}
+
+
+def crash_point(name: str, step: int) -> None:
+    """Fault injection for tests: SHIPYARD_CRASH_AT=NAME:STEP kills this process there, as a crash would.
+
+    Points, in order: model_saved, optimizer_saved, metadata_written, renamed (before LATEST moves).
+    """
+    if os.environ.get("SHIPYARD_CRASH_AT") == f"{name}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def save_checkpoint(
@@ -106,9 +118,14 @@ def save_checkpoint(
     trainer_state: dict,
     meta: ModelMeta,
     dist_info: DistInfo,
+    consolidate: bool = True,
     keep_last: int | None = None,
 ) -> Path:
-    """Write step_N atomically; every rank calls this. Returns the final directory."""
+    """Write step_N atomically; every rank calls this. Returns the final directory.
+
+    One process writes the weights as HF safetensors (the resumable copy too: fp32, exact). Several ranks
+    write DCP shards, and with `consolidate` also the safetensors, each rank writing whole files.
+    """
     final = root / step_dir_name(step)
     partial = root / f".{final.name}.partial"
     if dist_info.is_main:
@@ -117,18 +134,25 @@ def save_checkpoint(
     barrier()
 
     aliases = tied_aliases(model)
-    single = not dist_info.distributed
-    if single:
-        # One process holds every weight: the HF safetensors are the resumable copy too (fp32, exact).
-        state = model_state_for_save(model, aliases, full=False)
-        weights_dtype = write_weights(partial, state, WeightLayout())
+    state = model_state_for_save(model, aliases)
+    weights_dtype = next(iter(state.values())).dtype
+    if not dist_info.distributed:
+        full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}  # 1-rank FSDP
+        write_weights(partial, full, WeightLayout())
     else:
-        state = model_state_for_save(model, aliases, full=False)
         dcp_save(state, partial / "shipyard" / "model")
-        weights_dtype = next(iter(state.values())).dtype
-    optim_state = get_optimizer_state_dict(model, optimizer)
-    dcp_save(optim_state, partial / "shipyard" / "optimizer")
+        if consolidate:
+            barrier()
+            plan, shapes = write_weight_files(
+                partial, DirectoryWeights(partial, source="dcp"), layout=WeightLayout(), dtype=None, aliases={},
+                rank=dist_info.rank, world_size=dist_info.world_size,
+            )
+            if dist_info.is_main:
+                write_index(partial, plan, shapes)
+    crash_point("model_saved", step)
+    dcp_save(get_optimizer_state_dict(model, optimizer), partial / "shipyard" / "optimizer")
     torch.save(_rng_state(), partial / "shipyard" / "rng" / f"rank_{dist_info.rank:05d}.pt")
+    crash_point("optimizer_saved", step)
 
     if dist_info.is_main:
         # HF metadata is written at save time, so consolidation later needs nothing but this directory.
@@ -136,7 +160,7 @@ def save_checkpoint(
         info = {
             "step": step,
             "world_size": dist_info.world_size,
-            "consolidated": single,
+            "consolidated": consolidate or not dist_info.distributed,
             "tied": aliases,
             "base_model": meta.base_name,
             "base_layout": meta.layout.to_json(),
@@ -145,9 +169,11 @@ def save_checkpoint(
             **trainer_state,
         }
         (partial / META).write_text(json.dumps(info, indent=2) + "\n")
+    crash_point("metadata_written", step)
     barrier()
     if dist_info.is_main:
         publish(partial, final)
+        crash_point("renamed", step)
         _write_latest(root, final.name)
         if keep_last:
             prune(root, keep_last)

@@ -44,12 +44,15 @@ def dcp_load(state: dict, path: Path, local_only: bool = False) -> None:
 class DirectoryWeights:
     """name -> (shape, dtype) and `load(names)` over one directory's weights."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, source: str = "auto"):
+        """`source`: "auto" prefers safetensors and falls back to DCP shards; "dcp" reads only the shards."""
         self.directory = directory
         self.dcp_dir = directory / "shipyard" / "model"
         self.shapes: dict[str, tuple[torch.Size, torch.dtype]] = {}
         self._file_of: dict[str, str] = {}
-        if (directory / INDEX_FILE).is_file() or (directory / SINGLE_FILE).is_file():
+        if source == "dcp":
+            self._index_dcp()
+        elif (directory / INDEX_FILE).is_file() or (directory / SINGLE_FILE).is_file():
             self._index_safetensors()
         elif self.dcp_dir.is_dir():
             self._index_dcp()

@@ -99,7 +99,15 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def eval_batches(samples: list[Sample], batch_size: int, pad_id: int, dp_rank: int = 0, dp_size: int = 1):
-    """Validation micro-batches for one rank: a strided share of the samples, in order."""
+    """Validation micro-batches for one rank: a strided share of the samples, in order.
+
+    Every rank yields the same number of batches (sharded models run collectives in each forward); a rank
+    whose share ran out gets a batch of one sample with no supervised token, which adds nothing to the loss.
+    """
     mine = samples[dp_rank::dp_size]
-    for k in range(0, len(mine), batch_size):
-        yield collate(mine[k : k + batch_size], pad_id)
+    per_rank = -(-len(samples) // dp_size)
+    for k in range(0, per_rank, batch_size):
+        chunk = mine[k : k + batch_size]
+        if not chunk:
+            chunk = [Sample(samples[0].input_ids, [IGNORE_INDEX] * len(samples[0].input_ids))]
+        yield collate(chunk, pad_id)

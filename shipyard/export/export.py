@@ -20,11 +20,13 @@ from transformers import AutoConfig, AutoTokenizer
 from shipyard.checkpoint.weights import DirectoryWeights
 from shipyard.errors import ShipyardError
 from shipyard.fsutil import publish
+from shipyard.parallel.dist import DistInfo, barrier, on_main
 from shipyard.verify.probe import read_probe
 from shipyard.export.hf import (
     ModelMeta,
     WeightLayout,
     check_exportable,
+    dominant_dtype,
     normalise_tokenizer_files,
     plan_files,
     target_dtype,
@@ -128,40 +130,72 @@ def prepare_out_dir(out_dir: Path, force: bool) -> list[str]:
     return existing
 
 
-def write_model_dir(
-    out_dir: Path, meta: ModelMeta, weights: DirectoryWeights, aliases: dict[str, str], dtype: torch.dtype | None
-) -> tuple[list[str], torch.dtype]:
-    """Metadata and weights of `meta`/`weights` into `out_dir` (tied aliases dropped)."""
+def write_weight_files(
+    out_dir: Path,
+    weights: DirectoryWeights,
+    *,
+    layout: WeightLayout,
+    dtype: torch.dtype | None,
+    aliases: dict[str, str],
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[dict[str, list[str]], dict]:
+    """Write this rank's share of the output files: whole files are assigned to ranks round-robin.
+
+    Every rank computes the same plan from tensor metadata alone; a rank only
+    ever holds the tensors of the file it is writing. Returns (plan, shapes)
+    for the index, which the caller writes once all ranks are done.
+    """
     names = [n for n in weights.shapes if n not in aliases]
-    shapes = {n: (weights.shapes[n][0], target_dtype(n, weights.shapes[n][1], meta.layout, dtype)) for n in names}
-    plan = plan_files(shapes, meta.layout)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for filename, group in plan.items():
+    shapes = {n: (weights.shapes[n][0], target_dtype(n, weights.shapes[n][1], layout, dtype)) for n in names}
+    plan = plan_files(shapes, layout)
+    for filename in sorted(plan)[rank::world_size]:
+        group = plan[filename]
         tensors = weights.load(group)
         write_weight_file(out_dir / filename, {n: tensors[n].to(shapes[n][1]) for n in group})
-    write_index(out_dir, plan, shapes)
-    dominant = max({d for _, d in shapes.values()}, key=lambda d: sum(s.numel() for s, dd in shapes.values() if dd == d))
-    write_hf_metadata(out_dir, meta, dominant)
-    return sorted(plan), dominant
+    return plan, shapes
 
 
 def export_checkpoint(
-    src: Path, out_dir: Path, force: bool = False, dtype: torch.dtype | None = None, trust_remote_code: bool = False
+    src: Path,
+    out_dir: Path,
+    force: bool = False,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    dist_info: DistInfo | None = None,
 ) -> ExportResult:
+    """Export `src` to `out_dir`. With `dist_info`, every rank calls this and writes its share of the files."""
+    dist_info = dist_info or DistInfo()
     src, out_dir = Path(src), Path(out_dir)
     if not src.is_dir():
         raise ShipyardError(f"{src} is not a directory")
+    # Every rank validates (same files, same verdict), so a refusal stops all ranks before any writing.
     meta, info = load_meta(src, trust_remote_code)
     weights = DirectoryWeights(src)
     _check_special_tokens_fit(meta, _embedding_rows(weights, meta), src)
-    replaced = prepare_out_dir(out_dir, force)
-
     partial = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        files, saved_dtype = write_model_dir(partial, meta, weights, info.get("tied", {}), dtype)
-    except BaseException:
+
+    def prepare() -> list[str]:
+        replaced = prepare_out_dir(out_dir, force)
         shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        return replaced
+
+    replaced = on_main(prepare)
+    try:
+        plan, shapes = write_weight_files(
+            partial, weights, layout=meta.layout, dtype=dtype, aliases=info.get("tied", {}),
+            rank=dist_info.rank, world_size=dist_info.world_size,
+        )
+        barrier()
+        saved_dtype = dominant_dtype(shapes)
+        if dist_info.is_main:
+            write_index(partial, plan, shapes)
+            write_hf_metadata(partial, meta, saved_dtype)
+            publish(partial, out_dir)
+        barrier()
+    except BaseException:
+        if dist_info.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
         raise
-    publish(partial, out_dir)
-    return ExportResult(out_dir, files, replaced, str(saved_dtype).removeprefix("torch."))
+    return ExportResult(out_dir, sorted(plan), replaced, str(saved_dtype).removeprefix("torch."))

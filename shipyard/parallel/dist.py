@@ -36,18 +36,24 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(requested_device: str = "auto") -> DistInfo:
-    """Join the process group torchrun set up (RANK/WORLD_SIZE in the environment), if any."""
+def init_distributed(requested_device: str = "auto", need_group: bool = False) -> DistInfo:
+    """Join the process group torchrun set up (RANK/WORLD_SIZE in the environment), if any.
+
+    `need_group` makes a one-process group when there is none (FSDP2 on a single GPU needs a mesh).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(requested_device, local_rank)
-    if world_size == 1:
+    if world_size == 1 and not need_group and not dist.is_initialized():
         return DistInfo(device=device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        else:  # a single process outside torchrun
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
@@ -70,6 +76,22 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main(fn):
+    """Run `fn` on rank 0 and hand its result to every rank; a ShipyardError it raises is raised everywhere."""
+    from shipyard.errors import ShipyardError
+
+    result, error = None, None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = fn()
+        except ShipyardError as e:
+            error = str(e)
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise ShipyardError(error)
+    return result
 
 
 def destroy() -> None:

@@ -14,6 +14,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +28,8 @@ from shipyard.export.export import export_checkpoint
 from shipyard.export.hf import ModelMeta, WeightLayout, eos_token_ids
 from shipyard.fsutil import write_text_atomic
 from shipyard.models.load import load
-from shipyard.parallel.dist import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
+from shipyard.parallel.dist import DistInfo, all_reduce_sum, broadcast_object, init_distributed
+from shipyard.parallel.fsdp import apply_parallelism
 from shipyard.train.evaluate import exact_match, validation_loss
 from shipyard.train.loss import causal_lm_loss
 from shipyard.train.metrics import MetricsLogger, plot_loss, truncate_metrics
@@ -43,11 +45,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast_for(recipe: Recipe, device: torch.device):
-    """bf16 autocast on GPU (weights and optimizer stay fp32); exact fp32 on CPU unless asked."""
+def bf16_enabled(recipe: Recipe, device: torch.device) -> bool:
+    """bf16 compute on GPU (weights and optimizer stay fp32); exact fp32 on CPU unless asked."""
     mode = recipe.train.mixed_precision
-    use_bf16 = mode == "bf16" or (mode == "auto" and device.type == "cuda")
-    if not use_bf16:
+    return mode == "bf16" or (mode == "auto" and device.type == "cuda")
+
+
+def autocast_for(recipe: Recipe, device: torch.device):
+    if not bf16_enabled(recipe, device):
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -113,7 +118,7 @@ class TrainResult:
 
 
 def train(recipe: Recipe) -> TrainResult:
-    dist_info = init_distributed(recipe.train.device)
+    dist_info = init_distributed(recipe.train.device, need_group=recipe.parallel.fsdp == "on")
     out = recipe.out_dir
     ckpt_root = out / "checkpoints"
     main = dist_info.is_main
@@ -126,7 +131,8 @@ def train(recipe: Recipe) -> TrainResult:
     meta = model_meta(model, tokenizer, source)
     meta.probe = make_probe(tokenizer, data.validation_records or data.train_head)
     eos_ids = eos_token_ids(tokenizer, meta.base_eos)
-    model.to(dist_info.device)
+    autocast = autocast_for(recipe, dist_info.device)
+    model = apply_parallelism(model, recipe.parallel, dist_info, bf16=bf16_enabled(recipe, dist_info.device))
     model.train()
 
     plan = plan_batches(recipe, dist_info)
@@ -134,7 +140,6 @@ def train(recipe: Recipe) -> TrainResult:
     optimizer = build_optimizer(list(model.named_parameters()), recipe.optim, dist_info.device)
     scheduler = build_scheduler(optimizer, total_steps, recipe.optim)
     batches = StepBatches(data.train, plan, recipe.seed, tokenizer.pad_token_id)
-    autocast = autocast_for(recipe, dist_info.device)
 
     if main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -181,8 +186,10 @@ def train(recipe: Recipe) -> TrainResult:
         every = recipe.checkpoint.every_steps
         if done == total_steps or (every and done % every == 0):
             last_saved = save_checkpoint(
-                ckpt_root, done, model=model, optimizer=optimizer, trainer_state={"scheduler": scheduler.state_dict(), "data": batches.state_dict()},
-                meta=meta, dist_info=dist_info, keep_last=recipe.checkpoint.keep_last,
+                ckpt_root, done, model=model, optimizer=optimizer,
+                trainer_state={"scheduler": scheduler.state_dict(), "data": batches.state_dict()},
+                meta=meta, dist_info=dist_info, consolidate=recipe.checkpoint.consolidate == "every",
+                keep_last=recipe.checkpoint.keep_last,
             )
     logger.close()
 
@@ -195,10 +202,11 @@ def train(recipe: Recipe) -> TrainResult:
         with autocast():
             summary_eval.update(exact_match(model, tokenizer, data.validation_records, eos_ids, recipe.eval, dist_info))
 
-    final_dir = out / "final"
-    if main:
-        export_checkpoint(last_saved, final_dir, force=True)
-    barrier()
+    final_dir: Path | None = out / "final"
+    if recipe.checkpoint.consolidate == "never" and dist_info.distributed:
+        final_dir = None  # sharded only; `shipyard consolidate` makes the HF directory later
+    else:
+        export_checkpoint(last_saved, final_dir, force=True, dist_info=dist_info)
     summary = {
         "final_train_loss": last_loss,
         "eval": summary_eval,
@@ -209,7 +217,7 @@ def train(recipe: Recipe) -> TrainResult:
         "resumed_from_step": start_step,
         "skipped_records": data.skipped.report(),
         "truncated_records": data.truncated,
-        "final_checkpoint": str(final_dir),
+        "final_checkpoint": str(final_dir) if final_dir else None,
         "last_step_checkpoint": str(last_saved),
     }
     if main:
