@@ -81,6 +81,12 @@ def test_two_ranks_equal_one_rank(runs):
         assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-5), name
 
 
+def test_hsdp_two_replicas_equal_one_rank(runs, tmp_path):
+    out = tmp_path / "hsdp"
+    run(out, 2, "parallel.dp_replicate=2", "checkpoint.every_steps=null", "eval.generate=false")
+    assert_close_trajectory(losses(runs / "one"), losses(out))
+
+
 def test_sharded_checkpoint_layout(runs):
     step = runs / "two" / "checkpoints" / f"step_{EVERY}"
     assert (step / "shipyard" / "model" / ".metadata").is_file()  # DCP shards, one file per rank

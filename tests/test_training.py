@@ -143,3 +143,20 @@ def test_final_checkpoint_loads_in_transformers_with_equal_logits(tiny_recipe, t
     for key in ("final_train_loss", "eval", "tokens_per_second", "wall_seconds", "steps", "skipped_records", "final_checkpoint"):
         assert key in summary
     assert summary["steps"] == 4 and 0.0 <= summary["eval"]["exact_match"] <= 1.0
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_and_compile_keep_losses_and_names(tiny_recipe, tmp_path):
+    from safetensors import safe_open
+
+    def run(name, *extra):
+        train(tiny_recipe("eval.generate=false", *extra, steps=4, out=tmp_path / name))
+        return losses(tmp_path / name)
+
+    plain = run("plain")
+    assert run("ac", "parallel.activation_checkpointing=full") == plain  # recomputation is exact on CPU
+    compiled = run("compiled", "parallel.compile=true", "parallel.activation_checkpointing=full")
+    assert compiled == pytest.approx(plain, rel=1e-6)
+    for name in ("ac", "compiled"):
+        keys = list(safe_open(tmp_path / name / "final" / "model.safetensors", "pt").keys())
+        assert keys and not [k for k in keys if "_orig_mod" in k or "_checkpoint_wrapped_module" in k]
