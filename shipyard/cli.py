@@ -79,12 +79,19 @@ def _print_train_report(recipe, summary: dict) -> None:
         print(f"\nsharded checkpoint: {step_dir} (checkpoint.consolidate=never)")
         print(f"make a Hugging Face directory: shipyard consolidate {step_dir} OUT_DIR [--nproc-per-node N]")
         return
-    print(f"\nfinal checkpoint (Hugging Face, vLLM-ready): {final}")
+    adapter = (Path(final) / "adapter_config.json").is_file()
+    kind = "Hugging Face PEFT adapter" if adapter else "Hugging Face"
+    print(f"\nfinal checkpoint ({kind}, vLLM-ready): {final}")
     print(f"metrics: {out / 'metrics.jsonl'}, {out / 'loss.png'}, TensorBoard in {out / 'tensorboard'}")
+    prompt = (ev.get("examples") or [{"prompt": "Hello!"}])[0]["prompt"]
     print("\nnext:")
     print(f"  shipyard verify {final}            # prove it serves: transformers vs vLLM, greedy tokens")
-    print(f"  python -c \"from transformers import pipeline; print(pipeline('text-generation', '{final}')("
-          "[{'role': 'user', 'content': 'reverse: red fox sun'}])[0]['generated_text'][-1])\"")
+    if adapter:
+        print(f"  shipyard export {final} merged/ --merge-lora   # full weights with the adapter merged in")
+        print(f"  python -c \"from peft import AutoPeftModelForCausalLM; m = AutoPeftModelForCausalLM.from_pretrained('{final}')\"")
+    else:
+        print(f"  python -c \"from transformers import pipeline; print(pipeline('text-generation', '{final}')("
+              f"[{{'role': 'user', 'content': {prompt!r}}}])[0]['generated_text'][-1])\"")
     print(f"  tensorboard --logdir {out / 'tensorboard'}")
 
 
@@ -103,7 +110,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     result = export_checkpoint(Path(args.checkpoint), Path(args.out_dir), force=args.force, dtype=dtype,
-                               trust_remote_code=args.trust_remote_code)
+                               trust_remote_code=args.trust_remote_code, merge_lora=args.merge_lora)
     if result.replaced:
         print(f"replaced {len(result.replaced)} entries in {result.out_dir}: {', '.join(result.replaced)}")
     print(f"exported {args.checkpoint} -> {result.out_dir} ({len(result.files)} weight file(s), {result.dtype})")
@@ -181,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="cast weights (default: the base model's per-tensor dtypes, else as trained)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to load its config")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="for a LoRA checkpoint: write full weights (base + scale * B @ A) instead of the adapter")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(

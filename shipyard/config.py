@@ -39,7 +39,7 @@ class DataSource(Section):
     """One dataset: a JSONL file / `datasets`-readable file, or a built-in synthetic task."""
 
     path: str | None = Field(None, description="JSONL file (or .json/.parquet/.csv read through `datasets`).")
-    synthetic: Literal["reverse_words"] | None = Field(None, description="Built-in generated task.")
+    synthetic: Literal["reverse_words", "sort_words"] | None = Field(None, description="Built-in generated task.")
     num_records: int = Field(10_000, gt=0, description="Records to generate (synthetic only).")
     seed: int = Field(0, description="Generator seed (synthetic only).")
 
@@ -128,6 +128,22 @@ class EvalConfig(Section):
     batch_size: int = Field(64, gt=0)
 
 
+class LoraConfig(Section):
+    r: int = Field(16, gt=0, description="Adapter rank.")
+    alpha: float = Field(32.0, gt=0, description="Scale: the update is (alpha / r) * B @ A.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names (q_proj), dotted paths or globs (model.layers.*.mlp.*); all-linear: "
+        "every linear layer but the LM head."
+    )
+    exclude_modules: list[str] = Field(default_factory=list, description="Names, paths or globs to leave alone.")
+    trainable_modules: list[str] = Field(
+        default_factory=list, description="Modules trained in full next to the adapters (PEFT modules_to_save), "
+        "e.g. [embed_tokens]."
+    )
+    use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) (rank-stabilised LoRA).")
+
+
 class Recipe(Section):
     name: str = Field("run", pattern=r"^[\w.-]+$")
     output_dir: str | None = Field(None, description="Default: runs/<name>.")
@@ -139,6 +155,7 @@ class Recipe(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
     parallel: ParallelConfig = ParallelConfig()
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of all weights.")
 
     @property
     def out_dir(self) -> Path:

@@ -3,7 +3,7 @@
     python -m shipyard.assets.build_tokenizer  # rewrites shipyard/assets/tokenizer/
 
 A byte-level BPE (every byte is in the alphabet, so any text encodes) trained
-on rendered quickstart dialogs plus a little English, with ChatML special
+on rendered synthetic-task dialogs plus a little English, with ChatML special
 tokens and a ChatML chat template, like Qwen's instruct models. The output is
 committed; this script documents how it was made and rebuilds it.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from shipyard.data.synthetic import reverse_words
+from shipyard.data.synthetic import reverse_words, sort_words
 
 OUT_DIR = Path(__file__).parent / "tokenizer"
 VOCAB_SIZE = 512
@@ -41,7 +41,7 @@ Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2026. Yes. No. Maybe."""
 
 def training_text(num_dialogs: int = 4000) -> list[str]:
     texts = [ENGLISH]
-    for record in reverse_words(num_dialogs, seed=12345):
+    for record in reverse_words(num_dialogs, seed=12345) + sort_words(num_dialogs // 4, seed=54321):
         texts.append(
             "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in record["messages"])
         )

@@ -47,12 +47,14 @@ from shipyard.export.export import write_weight_files
 from shipyard.export.hf import (
     ModelMeta,
     WeightLayout,
+    clean_name,
     tied_aliases,
     write_hf_metadata,
     write_index,
     write_weights,
 )
 from shipyard.parallel.dist import DistInfo, barrier, broadcast_object
+from shipyard.peft.adapter_dir import read_adapter, write_adapter_dir
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,17 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def trained_state(model: torch.nn.Module, aliases: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Full CPU tensors of the trained parameters (every rank takes part in gathering shards)."""
+    out = {}
+    for name, param in model.named_parameters():
+        name = clean_name(name)
+        if param.requires_grad and name not in aliases:
+            full = param.full_tensor() if isinstance(param, DTensor) else param
+            out[name] = full.detach().cpu()
+    return out
+
+
 def model_state_for_save(model: torch.nn.Module, aliases: dict[str, str]) -> dict[str, torch.Tensor]:
     """The model's weights by HF name (sharded DTensors under FSDP), tied aliases dropped."""
     return {k: v for k, v in get_model_state_dict(model).items() if k not in aliases}
@@ -109,6 +122,36 @@ def crash_point(name: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _write_weights(partial: Path, model, aliases: dict, meta: ModelMeta, dist_info: DistInfo, consolidate: bool,
+                   adapter: dict | None) -> torch.dtype:
+    """The weights part of a step directory; returns their dtype. Three layouts:
+
+    - LoRA: a Hugging Face PEFT adapter directory of what is trained (small: gathered to rank 0);
+    - one process: HF safetensors, which are also the exact (fp32) resumable copy;
+    - several ranks: DCP shards, plus HF safetensors written in parallel when `consolidate`.
+    """
+    if adapter is not None:
+        state = trained_state(model, aliases)
+        if dist_info.is_main:
+            write_adapter_dir(partial, state, adapter["peft_config"], adapter["lora_meta"], meta.tokenizer, meta.probe)
+        return next(iter(state.values())).dtype
+    state = model_state_for_save(model, aliases)
+    if not dist_info.distributed:
+        full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}  # 1-rank FSDP
+        write_weights(partial, full, WeightLayout())
+        return next(iter(full.values())).dtype
+    dcp_save(state, partial / "shipyard" / "model")
+    if consolidate:
+        barrier()
+        plan, shapes = write_weight_files(
+            partial, DirectoryWeights(partial, source="dcp"), layout=WeightLayout(), dtype=None, aliases={},
+            rank=dist_info.rank, world_size=dist_info.world_size,
+        )
+        if dist_info.is_main:
+            write_index(partial, plan, shapes)
+    return next(iter(state.values())).dtype
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -120,6 +163,7 @@ def save_checkpoint(
     dist_info: DistInfo,
     consolidate: bool = True,
     keep_last: int | None = None,
+    adapter: dict | None = None,
 ) -> Path:
     """Write step_N atomically; every rank calls this. Returns the final directory.
 
@@ -134,33 +178,21 @@ def save_checkpoint(
     barrier()
 
     aliases = tied_aliases(model)
-    state = model_state_for_save(model, aliases)
-    weights_dtype = next(iter(state.values())).dtype
-    if not dist_info.distributed:
-        full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}  # 1-rank FSDP
-        write_weights(partial, full, WeightLayout())
-    else:
-        dcp_save(state, partial / "shipyard" / "model")
-        if consolidate:
-            barrier()
-            plan, shapes = write_weight_files(
-                partial, DirectoryWeights(partial, source="dcp"), layout=WeightLayout(), dtype=None, aliases={},
-                rank=dist_info.rank, world_size=dist_info.world_size,
-            )
-            if dist_info.is_main:
-                write_index(partial, plan, shapes)
+    weights_dtype = _write_weights(partial, model, aliases, meta, dist_info, consolidate, adapter)
     crash_point("model_saved", step)
     dcp_save(get_optimizer_state_dict(model, optimizer), partial / "shipyard" / "optimizer")
     torch.save(_rng_state(), partial / "shipyard" / "rng" / f"rank_{dist_info.rank:05d}.pt")
     crash_point("optimizer_saved", step)
 
     if dist_info.is_main:
-        # HF metadata is written at save time, so consolidation later needs nothing but this directory.
-        write_hf_metadata(partial, meta, weights_dtype)
+        if adapter is None:
+            # HF metadata is written at save time, so consolidation later needs nothing but this directory.
+            write_hf_metadata(partial, meta, weights_dtype)
         info = {
             "step": step,
             "world_size": dist_info.world_size,
-            "consolidated": consolidate or not dist_info.distributed,
+            "consolidated": consolidate or not dist_info.distributed or adapter is not None,
+            "adapter": adapter is not None,
             "tied": aliases,
             "base_model": meta.base_name,
             "base_layout": meta.layout.to_json(),
@@ -249,6 +281,10 @@ def _load_weights(step_dir: Path, model: torch.nn.Module, info: dict) -> None:
         state = {k: v for k, v in get_model_state_dict(model).items() if k not in aliases}
         dcp_load(state, dcp_dir)
         set_model_state_dict(model, state, options=StateDictOptions(strict=False))
+        return
+    if info.get("adapter"):
+        _, full = read_adapter(step_dir)  # only the trained parameters; the base comes from model.path
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
         return
     weights = DirectoryWeights(step_dir)
     full = weights.load(list(weights.shapes))

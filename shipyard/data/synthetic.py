@@ -1,9 +1,10 @@
-"""The quickstart task: reverse a short list of words.
+"""Synthetic chat tasks: reverse (the quickstart) or sort a short list of words.
 
 Deterministic for a given seed, so the quickstart, the tests and the tokenizer
-builder all see the same records. A tiny model learns it in a couple of
-minutes on a laptop CPU, and the result is easy to check by eye: the assistant
-answers "reverse: red fox sun" with "sun fox red".
+builder all see the same records. A tiny model learns reversal in well under a
+minute on a laptop CPU, and the result is easy to check by eye: the assistant
+answers "reverse: red fox sun" with "sun fox red". Sorting ("sort: red fox
+sun" -> "fox red sun") is the second task, taught by the LoRA quickstart.
 """
 
 from __future__ import annotations
@@ -19,36 +20,36 @@ WORDS = (
     "boat ship road city door lamp book ring"
 ).split()
 
-PROMPT_PREFIX = "reverse: "
 MIN_WORDS, MAX_WORDS = 3, 6
+TASKS = {
+    "reverse_words": ("reverse: ", lambda words: list(reversed(words))),
+    "sort_words": ("sort: ", sorted),
+}
 
 
-def reverse_words_record(rng: random.Random) -> dict:
-    """One chat record: a user asks to reverse words, the assistant answers."""
-    n = rng.randint(MIN_WORDS, MAX_WORDS)
-    words = [rng.choice(WORDS) for _ in range(n)]
+def word_task_record(task: str, rng: random.Random) -> dict:
+    """One chat record: a user asks to transform a few words, the assistant answers."""
+    prefix, transform = TASKS[task]
+    words = [rng.choice(WORDS) for _ in range(rng.randint(MIN_WORDS, MAX_WORDS))]
     return {
         "messages": [
-            {"role": "user", "content": PROMPT_PREFIX + " ".join(words)},
-            {"role": "assistant", "content": " ".join(reversed(words))},
+            {"role": "user", "content": prefix + " ".join(words)},
+            {"role": "assistant", "content": " ".join(transform(words))},
         ]
     }
 
 
-def reverse_words(num_records: int, seed: int, exclude: set[str] | None = None) -> list[dict]:
-    """`num_records` records from `seed`; prompts in `exclude` are never produced.
-
-    `exclude` keeps held-out evaluation prompts out of the training set, so the
-    quickstart's exact-match score measures generalisation, not memory.
-    """
+def word_task(task: str, num_records: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    records: list[dict] = []
-    while len(records) < num_records:
-        record = reverse_words_record(rng)
-        if exclude and record["messages"][0]["content"] in exclude:
-            continue
-        records.append(record)
-    return records
+    return [word_task_record(task, rng) for _ in range(num_records)]
 
 
-GENERATORS = {"reverse_words": reverse_words}
+def reverse_words(num_records: int, seed: int) -> list[dict]:
+    return word_task("reverse_words", num_records, seed)
+
+
+def sort_words(num_records: int, seed: int) -> list[dict]:
+    return word_task("sort_words", num_records, seed)
+
+
+GENERATORS = {"reverse_words": reverse_words, "sort_words": sort_words}

@@ -21,6 +21,15 @@ from shipyard.checkpoint.weights import DirectoryWeights
 from shipyard.errors import ShipyardError
 from shipyard.fsutil import publish
 from shipyard.parallel.dist import DistInfo, barrier, on_main
+from shipyard.peft.adapter_dir import (
+    ADAPTER_WEIGHTS,
+    LORA_META,
+    MergedWeights,
+    is_adapter_dir,
+    read_adapter,
+    resolve_base_dir,
+    write_adapter_dir,
+)
 from shipyard.verify.probe import read_probe
 from shipyard.export.hf import (
     ModelMeta,
@@ -112,7 +121,7 @@ def _check_special_tokens_fit(meta: ModelMeta, rows: int, src: Path) -> None:
         )
 
 
-def _embedding_rows(weights: DirectoryWeights, meta: ModelMeta) -> int:
+def _embedding_rows(weights, meta: ModelMeta) -> int:
     rows = [shape[0] for name, (shape, _) in weights.shapes.items() if name.endswith("embed_tokens.weight")]
     return rows[0] if rows else getattr(meta.config.get_text_config(), "vocab_size", 0)
 
@@ -156,6 +165,37 @@ def write_weight_files(
     return plan, shapes
 
 
+def open_merged(src: Path, trust_remote_code: bool) -> tuple[ModelMeta, MergedWeights]:
+    """An adapter directory as a full model: the base's metadata and weights with the adapter merged in."""
+    config, state = read_adapter(src)
+    base_dir = resolve_base_dir(config["base_model_name_or_path"])
+    meta, _ = load_meta(base_dir, trust_remote_code)
+    meta.tokenizer = load_tokenizer_normalised(src, trust_remote_code) or meta.tokenizer
+    meta.probe = read_probe(src) or meta.probe
+    meta.base_name = config["base_model_name_or_path"]
+    return meta, MergedWeights(DirectoryWeights(base_dir), config, state)
+
+
+def export_adapter(src: Path, out_dir: Path, force: bool) -> ExportResult:
+    """Copy an adapter directory with its tokenizer normalised (single process: adapters are small)."""
+    config, state = read_adapter(src)
+    tokenizer = load_tokenizer_normalised(src)
+    if tokenizer is None:
+        raise ShipyardError(f"{src}: no tokenizer in the adapter directory")
+    lora_meta = _read_json(src / LORA_META)
+
+    def write() -> list[str]:
+        replaced = prepare_out_dir(out_dir, force)
+        partial = out_dir.with_name(f".{out_dir.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        write_adapter_dir(partial, state, config, lora_meta, tokenizer, read_probe(src))
+        publish(partial, out_dir)
+        return replaced
+
+    replaced = on_main(write)
+    return ExportResult(out_dir, [ADAPTER_WEIGHTS], replaced, str(next(iter(state.values())).dtype).removeprefix("torch."))
+
+
 def export_checkpoint(
     src: Path,
     out_dir: Path,
@@ -163,15 +203,24 @@ def export_checkpoint(
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
     dist_info: DistInfo | None = None,
+    merge_lora: bool = False,
 ) -> ExportResult:
-    """Export `src` to `out_dir`. With `dist_info`, every rank calls this and writes its share of the files."""
+    """Export `src` to `out_dir`. With `dist_info`, every rank calls this and writes its share of the files.
+
+    An adapter directory exports as an adapter directory, or with `merge_lora` as full merged weights.
+    """
     dist_info = dist_info or DistInfo()
     src, out_dir = Path(src), Path(out_dir)
     if not src.is_dir():
         raise ShipyardError(f"{src} is not a directory")
+    if is_adapter_dir(src) and not merge_lora:
+        return export_adapter(src, out_dir, force)
     # Every rank validates (same files, same verdict), so a refusal stops all ranks before any writing.
-    meta, info = load_meta(src, trust_remote_code)
-    weights = DirectoryWeights(src)
+    if is_adapter_dir(src):
+        (meta, weights), info = open_merged(src, trust_remote_code), {}
+    else:
+        meta, info = load_meta(src, trust_remote_code)
+        weights = DirectoryWeights(src)
     _check_special_tokens_fit(meta, _embedding_rows(weights, meta), src)
     partial = out_dir.with_name(f".{out_dir.name}.partial")
 

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,12 @@ from shipyard.data.chat import IGNORE_INDEX
 from shipyard.data.dataset import build_datasets, count_targets
 from shipyard.data.loader import BatchPlan, StepBatches
 from shipyard.export.export import export_checkpoint
-from shipyard.export.hf import ModelMeta, WeightLayout, eos_token_ids
-from shipyard.fsutil import write_text_atomic
+from shipyard.export.hf import ModelMeta, WeightLayout, eos_token_ids, tied_aliases, write_hf_metadata, write_weights
+from shipyard.fsutil import publish, write_text_atomic
 from shipyard.models.load import load
-from shipyard.parallel.dist import DistInfo, all_reduce_sum, broadcast_object, init_distributed
+from shipyard.parallel.dist import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
 from shipyard.parallel.fsdp import apply_parallelism
+from shipyard.peft.lora import apply_lora, peft_config_dict, resolve_trainable
 from shipyard.train.evaluate import exact_match, validation_loss
 from shipyard.train.loss import causal_lm_loss
 from shipyard.train.metrics import MetricsLogger, plot_loss, truncate_metrics
@@ -68,6 +70,39 @@ def model_meta(model, tokenizer, source) -> ModelMeta:
         base_eos=base_eos,
         layout=WeightLayout.from_dir(source.local_dir),
     )
+
+
+def setup_lora(model, recipe: Recipe, meta: ModelMeta, source, dist_info: DistInfo) -> dict:
+    """Add adapters to `model`; returns what adapter checkpoints record (adapter_config.json and more).
+
+    The adapter's `base_model_name_or_path` must load in PEFT and vLLM: a hub id or a directory. A preset has
+    neither, so its initial weights are written once to OUTPUT_DIR/base_model and the adapter points there.
+    """
+    if source.kind == "preset":
+        base_dir = (recipe.out_dir / "base_model").resolve()
+        if dist_info.is_main and not base_dir.exists():
+            write_base_model(base_dir, model, meta)
+        barrier()
+        base_name = str(base_dir)
+    else:
+        base_name = str(source.local_dir) if source.local_dir else source.name
+    meta.base_name = base_name
+    model_names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    targets = apply_lora(model, recipe.lora, recipe.seed)
+    trainable = resolve_trainable(model, recipe.lora)
+    return {
+        "peft_config": peft_config_dict(recipe.lora, targets, trainable, base_name, model_names),
+        "lora_meta": {**recipe.lora.model_dump(mode="json"), "adapted_modules": targets, "trainable_modules": trainable},
+    }
+
+
+def write_base_model(out_dir: Path, model, meta: ModelMeta) -> None:
+    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    aliases = tied_aliases(model)
+    dtype = write_weights(partial, {k: v for k, v in model.state_dict().items() if k not in aliases}, meta.layout)
+    write_hf_metadata(partial, meta, dtype)
+    publish(partial, out_dir)
 
 
 def plan_batches(recipe: Recipe, dist_info: DistInfo) -> BatchPlan:
@@ -131,6 +166,9 @@ def train(recipe: Recipe) -> TrainResult:
     meta = model_meta(model, tokenizer, source)
     meta.probe = make_probe(tokenizer, data.validation_records or data.train_head)
     eos_ids = eos_token_ids(tokenizer, meta.base_eos)
+    adapter = None
+    if recipe.lora is not None:
+        adapter = setup_lora(model, recipe, meta, source, dist_info)
     autocast = autocast_for(recipe, dist_info.device)
     model = apply_parallelism(model, recipe.parallel, dist_info, bf16=bf16_enabled(recipe, dist_info.device))
     model.train()
@@ -189,7 +227,7 @@ def train(recipe: Recipe) -> TrainResult:
                 ckpt_root, done, model=model, optimizer=optimizer,
                 trainer_state={"scheduler": scheduler.state_dict(), "data": batches.state_dict()},
                 meta=meta, dist_info=dist_info, consolidate=recipe.checkpoint.consolidate == "every",
-                keep_last=recipe.checkpoint.keep_last,
+                keep_last=recipe.checkpoint.keep_last, adapter=adapter,
             )
     logger.close()
 
@@ -203,7 +241,7 @@ def train(recipe: Recipe) -> TrainResult:
             summary_eval.update(exact_match(model, tokenizer, data.validation_records, eos_ids, recipe.eval, dist_info))
 
     final_dir: Path | None = out / "final"
-    if recipe.checkpoint.consolidate == "never" and dist_info.distributed:
+    if recipe.checkpoint.consolidate == "never" and dist_info.distributed and adapter is None:
         final_dir = None  # sharded only; `shipyard consolidate` makes the HF directory later
     else:
         export_checkpoint(last_saved, final_dir, force=True, dist_info=dist_info)

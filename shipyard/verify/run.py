@@ -28,6 +28,7 @@ import transformers
 from shipyard.data.chat import IGNORE_INDEX, tokenize_dialog
 from shipyard.data.sources import Record
 from shipyard.errors import ShipyardError
+from shipyard.peft.adapter_dir import ADAPTER_CONFIG, is_adapter_dir, resolve_base_dir
 from shipyard.verify.hf_greedy import greedy, load_for_verify, render_prompt_ids
 from shipyard.verify.probe import BUILTIN_DIALOG, BUILTIN_PROMPTS, read_probe
 
@@ -150,13 +151,19 @@ class Prepared:
 
 def prepare(directory: Path, *, max_new_tokens: int, trust_remote_code: bool) -> Prepared:
     directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        raise ShipyardError(f"{directory}: no config.json; give an exported directory (e.g. runs/NAME/final)")
+    adapter = is_adapter_dir(directory)
+    if adapter:  # base + adapter: PEFT in transformers, enable_lora + LoRARequest in vLLM
+        adapter_config = json.loads((directory / ADAPTER_CONFIG).read_text())
+        model_dir = resolve_base_dir(adapter_config["base_model_name_or_path"])
+    elif (directory / "config.json").is_file():
+        model_dir = directory
+    else:
+        raise ShipyardError(f"{directory}: neither a model (config.json) nor an adapter ({ADAPTER_CONFIG}) directory")
     probe = read_probe(directory)
     dialogs = probe["prompts"] if probe else BUILTIN_PROMPTS
 
     started = time.perf_counter()
-    model, tokenizer = load_for_verify(directory, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_for_verify(model_dir, adapter=directory if adapter else None, trust_remote_code=trust_remote_code)
     prompt_ids = [render_prompt_ids(tokenizer, d) for d in dialogs]
     hf = [greedy(model, ids, max_new_tokens) for ids in prompt_ids]
     report = {
@@ -165,10 +172,14 @@ def prepare(directory: Path, *, max_new_tokens: int, trust_remote_code: bool) ->
         "max_new_tokens": max_new_tokens,
         "transformers": {"version": transformers.__version__, "ok": True, "seconds": time.perf_counter() - started,
                          "token_ids": [t for t, _ in hf]},
-        "template": template_parity(tokenizer, probe, eos_ids_of(directory, tokenizer)),
+        "kind": "adapter" if adapter else "model",
+        "template": template_parity(tokenizer, probe, eos_ids_of(model_dir, tokenizer)),
     }
-    job = {"model": str(directory), "dialogs": dialogs, "max_new_tokens": max_new_tokens,
+    job = {"model": str(model_dir), "tokenizer": str(directory), "dialogs": dialogs, "max_new_tokens": max_new_tokens,
            "trust_remote_code": trust_remote_code, "max_model_len": model_len_for(model, prompt_ids, max_new_tokens)}
+    if adapter:
+        report["base_model"] = str(model_dir)
+        job.update(lora=str(directory), lora_rank=adapter_config["r"])
     return Prepared(tokenizer, prompt_ids, hf, report, job)
 
 
@@ -223,6 +234,8 @@ def verify(directory: Path, **kwargs) -> dict:
 
 def format_report(report: dict) -> str:
     lines = [f"shipyard verify {report['dir']}"]
+    if report.get("kind") == "adapter":
+        lines.append(f"  LoRA adapter on {report['base_model']} (PEFT in transformers, LoRARequest in vLLM)")
     hf = report["transformers"]
     n = report["max_new_tokens"]
     lines.append(f"  transformers {hf['version']}: {len(report['prompts'])} prompts x {n} greedy tokens in {hf['seconds']:.1f}s (fp32)")
