@@ -119,6 +119,12 @@ class ParallelConfig(Section):
     reshard_after_forward: bool = Field(True, description="Free gathered block weights after forward (saves memory).")
     activation_checkpointing: Literal["none", "full"] = Field("none", description="Recompute each block in backward.")
     compile: bool = Field(False, description="torch.compile each decoder block.")
+    pp: int = Field(1, gt=0, description="Pipeline stages (torch.distributed.pipelining); ranks = pp x data-parallel.")
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = Field("1f1b", description="Pipeline schedule.")
+    pp_microbatches: int = Field(4, gt=0, description="Pipeline micro-batches per micro-batch (divides it).")
+    pp_split: list[int] | None = Field(
+        None, description="First layer index of stages 1..pp-1 (e.g. [3] for 2 stages); default: balanced."
+    )
 
 
 class EvalConfig(Section):

@@ -11,8 +11,9 @@ from shipyard.config import load_recipe
 from shipyard.data.dataset import build_datasets
 from shipyard.data.loader import collate
 from shipyard.models.load import load
-from shipyard.parallel.dist import DistInfo
-from shipyard.train.loop import autocast_for, train, train_step
+from shipyard.parallel.topology import Topology
+from shipyard.train.loop import autocast_for, train
+from shipyard.train.step import LocalRunner, train_step
 from shipyard.train.loss import causal_lm_loss, chunked_cross_entropy
 from shipyard.train.optim import build_optimizer, build_scheduler, lr_factor
 
@@ -25,8 +26,9 @@ def grads_after_one_step(recipe, samples, micro_batch_size, accum):
     optimizer.zero_grad = lambda set_to_none=True: None
     micro = [collate(samples[i : i + micro_batch_size], pad_id=0) for i in range(0, len(samples), micro_batch_size)]
     assert len(micro) == accum
-    recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_grad_norm": None})})
-    metrics = train_step(model, micro, optimizer, scheduler, recipe, DistInfo(), autocast_for(recipe, torch.device("cpu")))
+    runner = LocalRunner(model, recipe.train.loss_chunk_size, autocast_for(recipe, torch.device("cpu")))
+    params = [p for p in model.parameters() if p.requires_grad]
+    metrics = train_step(runner, params, micro, optimizer, scheduler, None, Topology(), torch.device("cpu"))
     return {n: p.grad.clone() for n, p in model.named_parameters()}, metrics["train/loss"]
 
 

@@ -164,6 +164,7 @@ def save_checkpoint(
     consolidate: bool = True,
     keep_last: int | None = None,
     adapter: dict | None = None,
+    model_fingerprint: dict | None = None,
 ) -> Path:
     """Write step_N atomically; every rank calls this. Returns the final directory.
 
@@ -196,7 +197,7 @@ def save_checkpoint(
             "tied": aliases,
             "base_model": meta.base_name,
             "base_layout": meta.layout.to_json(),
-            "fingerprint": fingerprint(model),
+            "fingerprint": model_fingerprint or fingerprint(model),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **trainer_state,
         }
@@ -253,8 +254,8 @@ def read_meta(step_dir: Path) -> dict:
     return json.loads((step_dir / META).read_text())
 
 
-def check_fingerprint(step_dir: Path, model: torch.nn.Module, info: dict) -> None:
-    saved, current = info["fingerprint"], fingerprint(model)
+def check_fingerprint(step_dir: Path, current: dict, info: dict) -> None:
+    saved = info["fingerprint"]
     problem = None
     if saved["architecture"] != current["architecture"]:
         problem = f"it holds a {saved['architecture']}, this run builds a {current['architecture']}"
@@ -294,10 +295,16 @@ def _load_weights(step_dir: Path, model: torch.nn.Module, info: dict) -> None:
         raise ShipyardError(f"{step_dir}: weights missing for {sorted(missing)[:5]}")
 
 
-def load_checkpoint(step_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dist_info: DistInfo) -> dict:
-    """Restore weights, optimizer and RNG into the live objects; returns checkpoint.json's content."""
+def load_checkpoint(
+    step_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dist_info: DistInfo,
+    expected_fingerprint: dict | None = None,
+) -> dict:
+    """Restore weights, optimizer and RNG into the live objects; returns checkpoint.json's content.
+
+    `expected_fingerprint` describes the whole model when `model` is only this rank's pipeline stages.
+    """
     info = read_meta(step_dir)
-    check_fingerprint(step_dir, model, info)
+    check_fingerprint(step_dir, expected_fingerprint or fingerprint(model), info)
     _load_weights(step_dir, model, info)
     optim_state = get_optimizer_state_dict(model, optimizer)
     dcp_load(optim_state, step_dir / "shipyard" / "optimizer")

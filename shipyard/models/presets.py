@@ -49,8 +49,8 @@ def _llama(layers: int, hidden: int, heads: int, kv_heads: int) -> PretrainedCon
 PRESETS = {
     # The quickstart model: ~0.5M parameters, learns reverse_words in about a minute on 2 CPU cores.
     "qwen3-tiny": lambda: _qwen3(layers=2, hidden=128, heads=2, kv_heads=1),
-    # Four layers, for splitting into pipeline stages and data-parallel tests.
-    "qwen3-tiny-4l": lambda: _qwen3(layers=4, hidden=128, heads=2, kv_heads=1),
+    # Four layers and untied embeddings: splits into pipeline stages (tied weights cannot cross stages).
+    "qwen3-tiny-4l": lambda: _qwen3(layers=4, hidden=128, heads=2, kv_heads=1, tied=False),
     "qwen3-tiny-untied": lambda: _qwen3(layers=2, hidden=128, heads=2, kv_heads=1, tied=False),
     "llama-tiny": lambda: _llama(layers=4, hidden=128, heads=2, kv_heads=2),
 }

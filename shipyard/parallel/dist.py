@@ -62,11 +62,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(value: float | int, device: torch.device) -> float:
+def all_reduce_sum(value: float | int, device: torch.device, group=None) -> float:
+    """Sum over `group` (default: all ranks)."""
     if not dist.is_initialized():
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return t.item()
 
 

@@ -1,4 +1,4 @@
-"""Evaluation: validation loss, and exact match of greedy answers on held-out prompts.
+"""Evaluation by generation: exact match of greedy answers on held-out prompts.
 
 Exact match renders each validation dialog up to its last assistant turn with
 the chat template, generates greedily until an end-of-turn token, and compares
@@ -12,27 +12,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from shipyard.config import EvalConfig
-from shipyard.data.chat import Sample, prompt_and_reference, render_text
-from shipyard.data.loader import eval_batches
+from shipyard.data.chat import prompt_and_reference, render_text
 from shipyard.data.sources import Record
-from shipyard.parallel.dist import DistInfo, all_reduce_sum
-from shipyard.train.loss import causal_lm_loss
-
-
-@torch.no_grad()
-def validation_loss(model, samples: list[Sample], batch_size: int, pad_id: int, chunk: int, dist_info: DistInfo, autocast) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    for batch in eval_batches(samples, batch_size, pad_id, dist_info.rank, dist_info.world_size):
-        batch = {k: v.to(dist_info.device) for k, v in batch.items()}
-        with autocast():
-            loss_sum, n = causal_lm_loss(model, batch, chunk)
-        total += loss_sum.item()
-        count += n
-    model.train()
-    total = all_reduce_sum(total, dist_info.device)
-    count = all_reduce_sum(count, dist_info.device)
-    return total / max(count, 1)
+from shipyard.parallel.dist import DistInfo
 
 
 @torch.no_grad()

@@ -1,8 +1,7 @@
 """`shipyard train`: one run, top to bottom.
 
-recipe -> model + tokenizer -> tokenized data -> parallelism -> optimizer ->
-(resume) -> steps (loss normalised by the global count of supervised tokens)
--> checkpoints -> evaluation -> export of the final checkpoint -> summary.
+recipe -> model + tokenizer -> tokenized data -> LoRA -> parallelism (pipeline stages, FSDP2) ->
+optimizer -> (resume) -> steps -> checkpoints -> evaluation -> export of the final checkpoint -> summary.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,22 +18,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shipyard.checkpoint.store import find_resume_dir, load_checkpoint, save_checkpoint
+from shipyard.checkpoint.store import find_resume_dir, fingerprint, load_checkpoint, save_checkpoint
 from shipyard.config import Recipe, dump_recipe
-from shipyard.data.chat import IGNORE_INDEX
 from shipyard.data.dataset import build_datasets, count_targets
-from shipyard.data.loader import BatchPlan, StepBatches
+from shipyard.data.loader import BatchPlan, StepBatches, eval_batches
 from shipyard.export.export import export_checkpoint
-from shipyard.export.hf import ModelMeta, WeightLayout, eos_token_ids, tied_aliases, write_hf_metadata, write_weights
-from shipyard.fsutil import publish, write_text_atomic
+from shipyard.export.hf import ModelMeta, WeightLayout, eos_token_ids
+from shipyard.fsutil import write_text_atomic
 from shipyard.models.load import load
-from shipyard.parallel.dist import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
-from shipyard.parallel.fsdp import apply_parallelism
-from shipyard.peft.lora import apply_lora, peft_config_dict, resolve_trainable
-from shipyard.train.evaluate import exact_match, validation_loss
-from shipyard.train.loss import causal_lm_loss
+from shipyard.parallel import pipeline
+from shipyard.parallel.dist import DistInfo, all_reduce_sum, broadcast_object, init_distributed
+from shipyard.parallel.fsdp import apply_parallelism, use_fsdp
+from shipyard.parallel.topology import Topology, build_topology
+from shipyard.peft.setup import setup_lora
+from shipyard.train.evaluate import exact_match
 from shipyard.train.metrics import MetricsLogger, plot_loss, truncate_metrics
 from shipyard.train.optim import build_optimizer, build_scheduler
+from shipyard.train.step import LocalRunner, supervised_tokens, train_step
 from shipyard.verify.probe import make_probe
 
 log = logging.getLogger(__name__)
@@ -72,77 +71,44 @@ def model_meta(model, tokenizer, source) -> ModelMeta:
     )
 
 
-def setup_lora(model, recipe: Recipe, meta: ModelMeta, source, dist_info: DistInfo) -> dict:
-    """Add adapters to `model`; returns what adapter checkpoints record (adapter_config.json and more).
-
-    The adapter's `base_model_name_or_path` must load in PEFT and vLLM: a hub id or a directory. A preset has
-    neither, so its initial weights are written once to OUTPUT_DIR/base_model and the adapter points there.
-    """
-    if source.kind == "preset":
-        base_dir = (recipe.out_dir / "base_model").resolve()
-        if dist_info.is_main and not base_dir.exists():
-            write_base_model(base_dir, model, meta)
-        barrier()
-        base_name = str(base_dir)
-    else:
-        base_name = str(source.local_dir) if source.local_dir else source.name
-    meta.base_name = base_name
-    model_names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    targets = apply_lora(model, recipe.lora, recipe.seed)
-    trainable = resolve_trainable(model, recipe.lora)
-    return {
-        "peft_config": peft_config_dict(recipe.lora, targets, trainable, base_name, model_names),
-        "lora_meta": {**recipe.lora.model_dump(mode="json"), "adapted_modules": targets, "trainable_modules": trainable},
-    }
-
-
-def write_base_model(out_dir: Path, model, meta: ModelMeta) -> None:
-    partial = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    aliases = tied_aliases(model)
-    dtype = write_weights(partial, {k: v for k, v in model.state_dict().items() if k not in aliases}, meta.layout)
-    write_hf_metadata(partial, meta, dtype)
-    publish(partial, out_dir)
-
-
-def plan_batches(recipe: Recipe, dist_info: DistInfo) -> BatchPlan:
+def plan_batches(recipe: Recipe, topo: Topology) -> BatchPlan:
     t = recipe.train
     return BatchPlan(
-        global_batch=t.micro_batch_size * t.grad_accum_steps * dist_info.world_size,
+        global_batch=t.micro_batch_size * t.grad_accum_steps * topo.dp_size,
         micro_batch_size=t.micro_batch_size,
         grad_accum_steps=t.grad_accum_steps,
-        dp_rank=dist_info.rank,
-        dp_size=dist_info.world_size,
+        dp_rank=topo.dp_rank,
+        dp_size=topo.dp_size,
     )
 
 
-def train_step(model, micro_batches, optimizer, scheduler, recipe: Recipe, dist_info: DistInfo, autocast) -> dict:
-    """One optimizer step over this rank's micro-batches; returns the step's metrics."""
-    device = dist_info.device
-    local_targets = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
-    global_targets = all_reduce_sum(local_targets, device)
-    # Each micro-batch contributes sum(token losses) / (supervised tokens of the whole global batch):
-    # the accumulated gradient is the global per-token mean whatever the split into micro-batches and ranks.
-    # Data-parallel gradient reduction averages over ranks, so the world size is multiplied back in.
-    scale = dist_info.world_size / max(global_targets, 1)
-    loss_sum = torch.zeros((), device=device)
-    for mb in micro_batches:
-        mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
-        with autocast():
-            summed, _ = causal_lm_loss(model, mb, recipe.train.loss_chunk_size)
-        (summed * scale).backward()
-        loss_sum += summed.detach()
-    metrics = {}
-    if recipe.train.max_grad_norm is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm)
-        metrics["train/grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-    metrics["train/lr"] = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    metrics["train/loss"] = all_reduce_sum(loss_sum.item(), device) / max(global_targets, 1)
-    metrics["train/supervised_tokens"] = int(global_targets)
-    return metrics
+def build_runner(model, recipe: Recipe, topo: Topology, dist_info: DistInfo, pad_id: int):
+    """Split, shard and wrap the model; returns (the rank's model view for optimizer/checkpoints, runner)."""
+    bf16 = bf16_enabled(recipe, dist_info.device)
+    if recipe.parallel.pp == 1:
+        model = apply_parallelism(model, recipe.parallel, topo, dist_info.device, bf16)
+        return model, LocalRunner(model, recipe.train.loss_chunk_size, autocast_for(recipe, dist_info.device))
+    stage_layers = pipeline.validate(model, recipe.parallel)
+    n_stages = len(stage_layers)
+    stage_ids = list(range(topo.pp_rank, n_stages, topo.pp_size))  # interleaved: rank r runs r, r + pp, ...
+    parts = [
+        apply_parallelism(pipeline.build_stage(model, stage_layers[s], s == 0, s == n_stages - 1),
+                          recipe.parallel, topo, dist_info.device, bf16)
+        for s in stage_ids
+    ]
+    # One module holding all of this rank's parts under their usual names, for the optimizer and checkpoints.
+    mine = sorted(i for s in stage_ids for i in stage_layers[s])
+    view = pipeline.build_stage(model, mine, 0 in stage_ids, n_stages - 1 in stage_ids)
+    runner = pipeline.PipelineRunner(parts, stage_ids, n_stages, topo, recipe.parallel, dist_info.device,
+                                     recipe.train.loss_chunk_size, recipe.data.max_length, pad_id)
+    return view, runner
+
+
+def validation_loss(runner, samples, batch_size: int, pad_id: int, topo: Topology, device) -> float:
+    batches = list(eval_batches(samples, batch_size, pad_id, topo.dp_rank, topo.dp_size))
+    count = all_reduce_sum(supervised_tokens(batches), device, group=topo.dp_group)
+    total = all_reduce_sum(runner.eval_batches(batches, device).item(), device)
+    return total / max(count, 1)
 
 
 @dataclass
@@ -166,14 +132,15 @@ def train(recipe: Recipe) -> TrainResult:
     meta = model_meta(model, tokenizer, source)
     meta.probe = make_probe(tokenizer, data.validation_records or data.train_head)
     eos_ids = eos_token_ids(tokenizer, meta.base_eos)
-    adapter = None
-    if recipe.lora is not None:
-        adapter = setup_lora(model, recipe, meta, source, dist_info)
-    autocast = autocast_for(recipe, dist_info.device)
-    model = apply_parallelism(model, recipe.parallel, dist_info, bf16=bf16_enabled(recipe, dist_info.device))
-    model.train()
+    adapter = setup_lora(model, recipe, meta, source, dist_info) if recipe.lora is not None else None
+    model_fingerprint = fingerprint(model)  # of the whole model, before it is split into pipeline stages
+    n_params = sum(p.numel() for p in model.parameters())
 
-    plan = plan_batches(recipe, dist_info)
+    topo = build_topology(recipe.parallel, dist_info, use_fsdp(recipe.parallel, dist_info))
+    model, runner = build_runner(model, recipe, topo, dist_info, tokenizer.pad_token_id)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    plan = plan_batches(recipe, topo)
     total_steps = recipe.train.max_steps or max(1, math.ceil(recipe.train.epochs * len(data.train) / plan.global_batch))
     optimizer = build_optimizer(list(model.named_parameters()), recipe.optim, dist_info.device)
     scheduler = build_scheduler(optimizer, total_steps, recipe.optim)
@@ -185,7 +152,8 @@ def train(recipe: Recipe) -> TrainResult:
     resume_dir = broadcast_object(find_resume_dir(ckpt_root, recipe.train.resume) if main else None)
     start_step = 0
     if resume_dir is not None:
-        info = load_checkpoint(resume_dir, model=model, optimizer=optimizer, dist_info=dist_info)
+        info = load_checkpoint(resume_dir, model=model, optimizer=optimizer, dist_info=dist_info,
+                               expected_fingerprint=model_fingerprint)
         scheduler.load_state_dict(info["scheduler"])
         batches.load_state_dict(info["data"])
         start_step = info["step"]
@@ -193,14 +161,18 @@ def train(recipe: Recipe) -> TrainResult:
     if main:
         truncate_metrics(out / "metrics.jsonl", start_step)
 
-    n_params = sum(p.numel() for p in model.parameters())
+    layout = f"x{dist_info.world_size}" + (f" (pipeline {topo.pp_size} x data {topo.dp_size})" if topo.pp_size > 1 else "")
     say(
-        f"shipyard: {source.name} ({n_params / 1e6:.2f}M parameters) on {dist_info.device}"
-        f" x{dist_info.world_size}; {len(data.train)} train / {len(data.validation)} validation samples"
-        f" ({count_targets(data.train):,} supervised tokens); global batch {plan.global_batch}; {total_steps} steps"
+        f"shipyard: {source.name} ({n_params / 1e6:.2f}M parameters) on {dist_info.device} {layout}; "
+        f"{len(data.train)} train / {len(data.validation)} validation samples "
+        f"({count_targets(data.train):,} supervised tokens); global batch {plan.global_batch}; {total_steps} steps"
     )
     if data.skipped.report()["total"] or data.truncated:
         say(f"data: skipped {data.skipped.report()}, truncated {data.truncated}")
+
+    def evaluate_loss() -> float:
+        return validation_loss(runner, data.validation, recipe.eval.batch_size, tokenizer.pad_token_id, topo,
+                               dist_info.device)
 
     logger = MetricsLogger(out, total_steps, start_step, recipe.train.log_every, enabled=main)
     last_saved = resume_dir if start_step == total_steps else None
@@ -208,8 +180,10 @@ def train(recipe: Recipe) -> TrainResult:
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         micro_batches = batches.next_step()
-        metrics = train_step(model, micro_batches, optimizer, scheduler, recipe, dist_info, autocast)
-        tokens = all_reduce_sum(sum(int(mb["attention_mask"].sum()) for mb in micro_batches), dist_info.device)
+        metrics = train_step(runner, params, micro_batches, optimizer, scheduler, recipe.train.max_grad_norm, topo,
+                             dist_info.device)
+        tokens = all_reduce_sum(sum(int(mb["attention_mask"].sum()) for mb in micro_batches), dist_info.device,
+                                group=topo.dp_group)
         elapsed = time.perf_counter() - t0
         train_seconds += elapsed
         train_tokens += tokens
@@ -217,9 +191,7 @@ def train(recipe: Recipe) -> TrainResult:
         metrics.update({"train/tokens": tokens, "train/tokens_per_second": tokens / elapsed, "train/epoch": batches.epoch})
         done = step + 1
         if recipe.train.eval_every and done % recipe.train.eval_every == 0 and data.validation:
-            metrics["eval/loss"] = validation_loss(
-                model, data.validation, recipe.eval.batch_size, tokenizer.pad_token_id, recipe.train.loss_chunk_size, dist_info, autocast
-            )
+            metrics["eval/loss"] = evaluate_loss()
         logger.log(done, metrics)
         every = recipe.checkpoint.every_steps
         if done == total_steps or (every and done % every == 0):
@@ -227,18 +199,19 @@ def train(recipe: Recipe) -> TrainResult:
                 ckpt_root, done, model=model, optimizer=optimizer,
                 trainer_state={"scheduler": scheduler.state_dict(), "data": batches.state_dict()},
                 meta=meta, dist_info=dist_info, consolidate=recipe.checkpoint.consolidate == "every",
-                keep_last=recipe.checkpoint.keep_last, adapter=adapter,
+                keep_last=recipe.checkpoint.keep_last, adapter=adapter, model_fingerprint=model_fingerprint,
             )
     logger.close()
 
     summary_eval: dict = {}
     if data.validation:
-        summary_eval["loss"] = validation_loss(
-            model, data.validation, recipe.eval.batch_size, tokenizer.pad_token_id, recipe.train.loss_chunk_size, dist_info, autocast
-        )
+        summary_eval["loss"] = evaluate_loss()
     if recipe.eval.generate and data.validation_records:
-        with autocast():
-            summary_eval.update(exact_match(model, tokenizer, data.validation_records, eos_ids, recipe.eval, dist_info))
+        if topo.pp_size > 1:
+            say("eval.generate is skipped under pipeline parallelism; run `shipyard verify` on the export instead")
+        else:
+            with autocast_for(recipe, dist_info.device)():
+                summary_eval.update(exact_match(model, tokenizer, data.validation_records, eos_ids, recipe.eval, dist_info))
 
     final_dir: Path | None = out / "final"
     if recipe.checkpoint.consolidate == "never" and dist_info.distributed and adapter is None:

@@ -1,0 +1,260 @@
+"""Pipeline parallelism for unmodified Hugging Face decoder models (torch.distributed.pipelining).
+
+A stage is the model with the other stages' parts removed: its decoder layers
+live in a ModuleDict keyed by their original indices, so parameter names (and
+checkpoint keys, and HF safetensors keys) are exactly the unpipelined ones.
+Stage 0 owns the embeddings; the last stage owns the final norm, the LM head
+and the loss. Forwards are patched per instance, not forked: the inner model
+takes token ids on stage 0 and hidden states elsewhere, and builds its causal
+mask and rotary embeddings once per stage when no padding mask is supplied
+(a padding mask can change every micro-batch, so then they are rebuilt).
+A model whose own forward is already pipeline-aware sets `_pp_keeps_forward`.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shipyard.config import ParallelConfig
+from shipyard.data.chat import IGNORE_INDEX
+from shipyard.errors import ShipyardError
+from shipyard.export.hf import tied_aliases
+from shipyard.parallel.fsdp import decoder_layers
+from shipyard.parallel.topology import Topology
+from shipyard.train.loss import _logit_transform, chunked_cross_entropy
+
+ALTERNATIVES = "use data parallelism instead (parallel.pp=1 with FSDP2, activation checkpointing to save memory)"
+
+
+def virtual_stages(cfg: ParallelConfig) -> int:
+    return 2 if cfg.pp_schedule == "interleaved_1f1b" else 1
+
+
+def keeps_own_forward(model: nn.Module) -> bool:
+    return bool(getattr(model, "_pp_keeps_forward", False))
+
+
+def validate(model: nn.Module, cfg: ParallelConfig) -> list[list[int]]:
+    """Check `model` can be pipelined as configured; returns the layer indices of each stage."""
+    name = type(model).__name__
+    try:
+        layers = decoder_layers(model)
+    except ShipyardError:
+        raise ShipyardError(f"{name} cannot be pipelined: no recognisable decoder layer list; {ALTERNATIVES}") from None
+    if not keeps_own_forward(model):
+        inner = model.get_decoder()
+        missing = [a for a in ("embed_tokens", "norm", "rotary_emb") if getattr(inner, a, None) is None]
+        if missing or model.get_output_embeddings() is None:
+            raise ShipyardError(
+                f"{name} cannot be pipelined with the generic stage forward: its decoder lacks "
+                f"{', '.join(missing) or 'an LM head'}; {ALTERNATIVES}, or give the model a pipeline-aware "
+                "forward and set `_pp_keeps_forward = True` on it"
+            )
+    n_stages = cfg.pp * virtual_stages(cfg)
+    n_layers = len(layers)
+    if n_stages > n_layers:
+        raise ShipyardError(
+            f"{name} has {n_layers} decoder layers, fewer than the {n_stages} pipeline stages asked for "
+            f"(parallel.pp={cfg.pp}, schedule {cfg.pp_schedule}); use at most {n_layers} stages or {ALTERNATIVES}"
+        )
+    tied = {alias: source for alias, source in tied_aliases(model).items()}
+    if tied:
+        pairs = ", ".join(f"{a} = {s}" for a, s in tied.items())
+        raise ShipyardError(
+            f"{name} ties weights across pipeline stages ({pairs}): the first and last stages would need to "
+            "keep two copies in sync every step, which shipyard does not do. Untie them "
+            f"(config tie_word_embeddings=false, then fine-tune) or {ALTERNATIVES}"
+        )
+    return stage_layer_ids(n_layers, n_stages, cfg.pp_split)
+
+
+def stage_layer_ids(n_layers: int, n_stages: int, split: list[int] | None) -> list[list[int]]:
+    if split is None:
+        base, extra = divmod(n_layers, n_stages)
+        bounds = [0]
+        for s in range(n_stages):
+            bounds.append(bounds[-1] + base + (1 if s < extra else 0))
+    else:
+        bounds = [0, *split, n_layers]
+        if len(split) != n_stages - 1 or any(b <= a for a, b in zip(bounds, bounds[1:])):
+            raise ShipyardError(
+                f"parallel.pp_split {split}: give the first layer of stages 1..{n_stages - 1}, increasing, within "
+                f"1..{n_layers - 1} (e.g. {[round(n_layers * k / n_stages) for k in range(1, n_stages)]})"
+            )
+    return [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+
+
+# ------------------------------------------------------------------ stage modules
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object sharing submodules and parameters, with its own registries and hook tables."""
+    clone = copy.copy(module)
+    for key, value in module.__dict__.items():
+        if isinstance(value, dict):
+            clone.__dict__[key] = type(value)(value)
+    return clone
+
+
+def build_stage(model: nn.Module, layer_ids: list[int], first: bool, last: bool) -> nn.Module:
+    """A stage: a shallow copy of `model` holding only its parts; submodules are shared, not copied."""
+    stage = _shallow_copy(model)
+    inner = _shallow_copy(model.get_decoder())
+    layers = decoder_layers(model)
+    inner.layers = nn.ModuleDict({str(i): layers[i] for i in layer_ids})
+    if not first:
+        inner.embed_tokens = None
+    if not last:
+        inner.norm = None
+        stage.lm_head = None
+    stage.model = inner
+    if not keeps_own_forward(model):
+        inner._pp_mask_cache = {}
+        inner._pp_mask_builds = 0
+        inner.forward = types.MethodType(_inner_stage_forward, inner)
+        stage.forward = types.MethodType(_causal_lm_stage_forward, stage)
+    return stage
+
+
+def _causal_lm_stage_forward(self, x, attention_mask=None, position_ids=None):
+    """Token ids (stage 0) or hidden states in; hidden states out (after the final norm on the last stage)."""
+    return self.model(x, attention_mask=attention_mask, position_ids=position_ids)
+
+
+def _inner_stage_forward(self, x, attention_mask=None, position_ids=None):
+    hidden = self.embed_tokens(x) if self.embed_tokens is not None else x
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # nothing is padded: the mask is the plain causal one, cacheable
+    masks, position_ids, rotary = _masks_and_rotary(self, hidden, attention_mask, position_ids)
+    for index, layer in self.layers.items():
+        hidden = layer(
+            hidden,
+            attention_mask=masks[self.config.layer_types[int(index)]] if hasattr(self.config, "layer_types") else masks["full_attention"],
+            position_ids=position_ids,
+            position_embeddings=rotary,
+        )
+    return self.norm(hidden) if self.norm is not None else hidden
+
+
+def _masks_and_rotary(inner, hidden, attention_mask, position_ids):
+    """The stage's causal mask mapping and rotary embeddings, built once per stage when safe to reuse.
+
+    Without a padding mask and with default positions they depend only on (length, dtype, device):
+    constant across micro-batches and steps, so non-first stages do not rebuild them for every
+    micro-batch. With a padding mask (it can differ per batch) or explicit positions (packing)
+    they are rebuilt for each call.
+    """
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    cacheable = attention_mask is None and position_ids is None
+    key = (hidden.shape[1], hidden.dtype, hidden.device)
+    if cacheable and key in inner._pp_mask_cache:
+        return inner._pp_mask_cache[key]
+    if position_ids is None:
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    kwargs = dict(config=inner.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                  past_key_values=None, position_ids=position_ids)
+    masks = {"full_attention": create_causal_mask(**kwargs)}
+    if "sliding_attention" in getattr(inner.config, "layer_types", []) or []:
+        masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+    inner._pp_mask_builds += 1
+    result = (masks, position_ids, inner.rotary_emb(hidden, position_ids))
+    if cacheable:
+        inner._pp_mask_cache[key] = result
+    return result
+
+
+# ----------------------------------------------------------------------- running
+
+
+class PipelineRunner:
+    """This rank's stages and schedule; runs training and evaluation micro-batches through them."""
+
+    def __init__(self, parts: list[nn.Module], stage_ids: list[int], n_stages: int, topo: Topology,
+                 cfg: ParallelConfig, device: torch.device, chunk_size: int, seq_len: int, pad_id: int):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+        self.parts, self.topo, self.chunk_size, self.seq_len, self.pad_id = parts, topo, chunk_size, seq_len, pad_id
+        self.n_micro = cfg.pp_microbatches
+        self.scale = 1.0
+        self.loss_sum = torch.zeros((), device=device)
+        self.has_last = any(s == n_stages - 1 for s in stage_ids)
+        self.has_first = 0 in stage_ids
+        self.stages = [
+            PipelineStage(part, s, n_stages, device, group=topo.pp_group) for part, s in zip(parts, stage_ids)
+        ]
+        head = next((p.get_output_embeddings() for p, s in zip(parts, stage_ids) if s == n_stages - 1), None)
+        self._head = head
+        self._transform = _logit_transform(parts[-1].config)
+        kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}[cfg.pp_schedule]
+        stages = self.stages if kind is ScheduleInterleaved1F1B else self.stages[0]
+        # Losses are sums scaled by 1 / (global supervised tokens): no extra averaging over micro-batches.
+        self.schedule = kind(stages, n_microbatches=self.n_micro, loss_fn=self._loss, scale_grads=False)
+
+    def _loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        h, t = hidden[:, :-1][keep], targets[keep]
+        scale, softcap = self._transform
+        summed = chunked_cross_entropy(h, self._head.weight, t, self.chunk_size, self._head.bias, scale, softcap)
+        return summed * self.scale
+
+    def _pad(self, batch: dict[str, torch.Tensor], train: bool) -> dict[str, torch.Tensor]:
+        """Every micro-batch gets the same length: pipeline stages exchange fixed-shape activations.
+
+        Evaluation batches also get filler rows up to a multiple of the pipeline micro-batch count
+        (attending normally, supervising nothing); training batches must divide evenly.
+        """
+        rows, length = batch["input_ids"].shape
+        if length > self.seq_len:
+            raise ShipyardError(f"a batch is longer ({length}) than data.max_length ({self.seq_len})")
+        fill = -rows % self.n_micro
+        if fill and train:
+            raise ShipyardError(
+                f"train.micro_batch_size ({rows}) must be a multiple of parallel.pp_microbatches ({self.n_micro})"
+            )
+        pad = (0, self.seq_len - length, 0, fill)
+        return {
+            "input_ids": F.pad(batch["input_ids"], pad, value=self.pad_id),
+            "labels": F.pad(batch["labels"], pad, value=IGNORE_INDEX),
+            "attention_mask": F.pad(F.pad(batch["attention_mask"], (0, 0, 0, fill), value=1), (0, self.seq_len - length), value=0),
+        }
+
+    def _run(self, batch: dict[str, torch.Tensor], device, train: bool) -> None:
+        batch = {k: v.to(device) for k, v in self._pad(batch, train).items()}
+        args = (batch["input_ids"],) if self.has_first else ()
+        run = self.schedule.step if train else self.schedule.eval
+        # The schedule reports each micro-batch's loss; on the first step a stage also runs a shape-inference
+        # forward whose values are meaningless, so the loss is read from here, not from inside the loss function.
+        losses: list[torch.Tensor] = []
+        run(*args, target=batch["labels"], losses=losses, attention_mask=batch["attention_mask"])
+        if self.has_last:
+            self.loss_sum += sum(loss.detach() for loss in losses) / self.scale
+
+    def train_micro_batches(self, micro_batches, scale: float, device) -> torch.Tensor:
+        """Forward and backward of this step's micro-batches; returns this rank's loss sum (0 off the last stage)."""
+        self.scale = scale
+        self.loss_sum = torch.zeros((), device=device)
+        for mb in micro_batches:
+            self._run(mb, device, train=True)
+        return self.loss_sum
+
+    @torch.no_grad()
+    def eval_batches(self, batches, device) -> torch.Tensor:
+        self.scale = 1.0
+        self.loss_sum = torch.zeros((), device=device)
+        for part in self.parts:
+            part.eval()
+        for batch in batches:
+            self._run(batch, device, train=False)
+        for part in self.parts:
+            part.train()
+        return self.loss_sum
+
+    def mask_builds(self) -> list[int]:
+        return [p.get_decoder()._pp_mask_builds for p in self.parts]

@@ -1,0 +1,45 @@
+"""Preparing a LoRA run: a loadable base, adapters on the model, and what adapter checkpoints record."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from shipyard.config import Recipe
+from shipyard.export.hf import ModelMeta, tied_aliases, write_hf_metadata, write_weights
+from shipyard.fsutil import publish
+from shipyard.parallel.dist import DistInfo, barrier
+from shipyard.peft.lora import apply_lora, peft_config_dict, resolve_trainable
+
+
+def setup_lora(model, recipe: Recipe, meta: ModelMeta, source, dist_info: DistInfo) -> dict:
+    """Add adapters to `model`; returns what adapter checkpoints record (adapter_config.json and more).
+
+    The adapter's `base_model_name_or_path` must load in PEFT and vLLM: a hub id or a directory. A preset has
+    neither, so its initial weights are written once to OUTPUT_DIR/base_model and the adapter points there.
+    """
+    if source.kind == "preset":
+        base_dir = (recipe.out_dir / "base_model").resolve()
+        if dist_info.is_main and not base_dir.exists():
+            write_base_model(base_dir, model, meta)
+        barrier()
+        base_name = str(base_dir)
+    else:
+        base_name = str(source.local_dir) if source.local_dir else source.name
+    meta.base_name = base_name
+    model_names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    targets = apply_lora(model, recipe.lora, recipe.seed)
+    trainable = resolve_trainable(model, recipe.lora)
+    return {
+        "peft_config": peft_config_dict(recipe.lora, targets, trainable, base_name, model_names),
+        "lora_meta": {**recipe.lora.model_dump(mode="json"), "adapted_modules": targets, "trainable_modules": trainable},
+    }
+
+
+def write_base_model(out_dir: Path, model, meta: ModelMeta) -> None:
+    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    aliases = tied_aliases(model)
+    dtype = write_weights(partial, {k: v for k, v in model.state_dict().items() if k not in aliases}, meta.layout)
+    write_hf_metadata(partial, meta, dtype)
+    publish(partial, out_dir)
