@@ -62,6 +62,11 @@ class DataConfig(Section):
     max_length: int = Field(2048, gt=1, description="Tokens per sample after chat rendering.")
     overlength: Literal["truncate", "drop"] = Field("truncate", description="What to do with longer samples.")
     on_error: Literal["raise", "skip"] = Field("raise", description="Malformed records: stop with file:line, or count and skip.")
+    packing: bool | Literal["auto"] = Field(
+        "auto", description="Pack each micro-batch's samples into rows of max_length with per-document attention; "
+        "auto: on with varlen attention (flash_attention_2/3, flex_attention) when a start-up check shows the "
+        "model keeps packed documents apart."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -113,7 +118,7 @@ class CheckpointConfig(Section):
 
 
 class ParallelConfig(Section):
-    fsdp: Literal["auto", "on", "off"] = Field("auto", description="FSDP2 sharding; auto: on when world size > 1.")
+    fsdp: bool | Literal["auto"] = Field("auto", description="FSDP2 sharding; auto: on when several ranks share the data.")
     dp_replicate: int = Field(1, gt=0, description="Replica groups (HSDP); ranks = dp_replicate x dp_shard.")
     dp_shard: int = Field(-1, description="Ranks each replica shards over; -1: world size / dp_replicate.")
     reshard_after_forward: bool = Field(True, description="Free gathered block weights after forward (saves memory).")

@@ -14,7 +14,7 @@ from shipyard.models.load import load
 from shipyard.parallel.topology import Topology
 from shipyard.train.loop import autocast_for, train
 from shipyard.train.step import LocalRunner, train_step
-from shipyard.train.loss import causal_lm_loss, chunked_cross_entropy
+from shipyard.train.loss import causal_lm_loss, chunked_cross_entropy, isolates_packed_documents
 from shipyard.train.optim import build_optimizer, build_scheduler, lr_factor
 
 
@@ -162,3 +162,42 @@ def test_activation_checkpointing_and_compile_keep_losses_and_names(tiny_recipe,
     for name in ("ac", "compiled"):
         keys = list(safe_open(tmp_path / name / "final" / "model.safetensors", "pt").keys())
         assert keys and not [k for k in keys if "_orig_mod" in k or "_checkpoint_wrapped_module" in k]
+
+
+def test_packed_rows_keep_documents_apart(tokenizer):
+    from shipyard.data.chat import Sample
+    from shipyard.data.loader import pack
+
+    a, b, c = Sample([1, 5, 6, 7], [-100, -100, 6, 7]), Sample([1, 8, 9], [-100, 8, 9]), Sample([1, 4], [-100, 4])
+    batch = pack([a, b, c], pad_id=0, row_length=6)
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 1, 4], [1, 8, 9, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]
+    # a document's first label is never a target of the previous document's last token
+    assert batch["labels"].tolist() == [[-100, -100, 6, 7, -100, 4], [-100, 8, 9, -100, -100, -100]]
+    assert batch["attention_mask"].sum() == 9
+
+
+def test_packed_loss_equals_unpacked_loss(tokenizer):
+    from shipyard.config import DataConfig
+    from shipyard.data.loader import collate, pack
+    from tests.fixtures import random_model
+
+    samples = build_datasets(DataConfig(train=[{"synthetic": "reverse_words", "num_records": 12}]), tokenizer, 0).train
+    model = random_model("qwen3-tiny")
+    assert isolates_packed_documents(model, 512)
+    with torch.no_grad():
+        padded, n1 = causal_lm_loss(model, collate(samples, 0), chunk_size=64)
+        packed_batch = pack(samples, 0, row_length=64)
+        packed, n2 = causal_lm_loss(model, packed_batch, chunk_size=64)
+    assert packed_batch["input_ids"].shape[0] < len(samples)  # fewer rows: packing happened
+    assert n1 == n2 and packed.item() == pytest.approx(padded.item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_packed_training_follows_the_unpacked_trajectory(tiny_recipe, tmp_path):
+    def run(name, packing):
+        train(tiny_recipe(f"data.packing={packing}", "optim.lr=1e-3", "eval.generate=false", steps=10, out=tmp_path / name))
+        return losses(tmp_path / name)
+
+    unpacked, packed = run("unpacked", "false"), run("packed", "true")
+    assert packed == pytest.approx(unpacked, rel=1e-5)  # the same samples per step, laid out differently

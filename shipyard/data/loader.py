@@ -55,10 +55,14 @@ class IndexStream:
 
 
 class StepBatches:
-    """Yields, per optimizer step, this rank's micro-batches; state is `samples_consumed`."""
+    """Yields, per optimizer step, this rank's micro-batches; state is `samples_consumed`.
 
-    def __init__(self, samples: list[Sample], plan: BatchPlan, seed: int, pad_id: int):
-        self.samples, self.plan, self.pad_id = samples, plan, pad_id
+    With `pack_length`, each micro-batch's samples are packed into rows of at most that many tokens
+    (the same samples as unpacked: packing changes the layout, not what a step learns from).
+    """
+
+    def __init__(self, samples: list[Sample], plan: BatchPlan, seed: int, pad_id: int, pack_length: int | None = None):
+        self.samples, self.plan, self.pad_id, self.pack_length = samples, plan, pad_id, pack_length
         self.stream = IndexStream(len(samples), seed)
         self.samples_consumed = 0
 
@@ -68,10 +72,10 @@ class StepBatches:
         self.samples_consumed += p.global_batch
         per_rank = p.micro_batch_size * p.grad_accum_steps
         mine = indices[p.dp_rank * per_rank : (p.dp_rank + 1) * per_rank]
-        return [
-            collate([self.samples[i] for i in mine[k : k + p.micro_batch_size]], self.pad_id)
-            for k in range(0, per_rank, p.micro_batch_size)
-        ]
+        groups = [[self.samples[i] for i in mine[k : k + p.micro_batch_size]] for k in range(0, per_rank, p.micro_batch_size)]
+        if self.pack_length:
+            return [pack(group, self.pad_id, self.pack_length) for group in groups]
+        return [collate(group, self.pad_id) for group in groups]
 
     def state_dict(self) -> dict:
         return {"samples_consumed": self.samples_consumed}
@@ -96,6 +100,42 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         labels[row, :n] = torch.tensor(s.labels)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def pack(samples: list[Sample], pad_id: int, row_length: int) -> dict[str, torch.Tensor]:
+    """Pack samples into rows of at most `row_length` tokens (first fit, longest first).
+
+    Positions restart at 0 for every document; with no attention mask, transformers turns those
+    resets into a block-diagonal causal mask (varlen kernels with flash attention), so documents do
+    not see each other. A document's first label is ignored: the last token of the previous document
+    must not learn to predict it. The row tail is padding: a document of its own, supervising nothing.
+    """
+    rows: list[list[Sample]] = []
+    free: list[int] = []
+    for s in sorted(samples, key=lambda s: len(s.input_ids), reverse=True):
+        slot = next((i for i, room in enumerate(free) if room >= len(s.input_ids)), None)
+        if slot is None:
+            rows.append([])
+            free.append(row_length)
+            slot = len(rows) - 1
+        rows[slot].append(s)
+        free[slot] -= len(s.input_ids)
+    width = max(row_length - room for room in free)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # for counting tokens; not given to the model
+    for r, row in enumerate(rows):
+        at = 0
+        for s in row:
+            n = len(s.input_ids)
+            input_ids[r, at : at + n] = torch.tensor(s.input_ids)
+            labels[r, at + 1 : at + n] = torch.tensor(s.labels[1:])
+            position_ids[r, at : at + n] = torch.arange(n)
+            attention_mask[r, at : at + n] = 1
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": attention_mask}
 
 
 def eval_batches(samples: list[Sample], batch_size: int, pad_id: int, dp_rank: int = 0, dp_size: int = 1):

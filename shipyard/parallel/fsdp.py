@@ -35,7 +35,7 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | torch.nn.Mod
 
 def use_fsdp(cfg: ParallelConfig, dist_info: DistInfo) -> bool:
     """FSDP2 when asked, or by default whenever several ranks share the data."""
-    return cfg.fsdp == "on" or (cfg.fsdp == "auto" and dist_info.world_size // cfg.pp > 1)
+    return cfg.fsdp is True or (cfg.fsdp == "auto" and dist_info.world_size // cfg.pp > 1)
 
 
 def apply_parallelism(model: torch.nn.Module, cfg: ParallelConfig, topo: Topology, device: torch.device,

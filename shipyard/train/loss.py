@@ -76,10 +76,33 @@ def chunked_cross_entropy(
     return total
 
 
+@torch.no_grad()
+def isolates_packed_documents(model: torch.nn.Module, vocab_size: int) -> bool:
+    """Does `model` keep packed documents apart when given position resets (and no attention mask)?
+
+    Two random documents, run apart and packed into one row: the second one's logits must not change.
+    Models whose attention ignores the reset (no packed-sequence support) fail this and are not packed.
+    """
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    a = torch.randint(0, vocab_size, (1, 7), generator=g).to(device)
+    b = torch.randint(0, vocab_size, (1, 5), generator=g).to(device)
+    alone = model(input_ids=b, use_cache=False).logits[0].float()
+    positions = torch.cat([torch.arange(7), torch.arange(5)]).unsqueeze(0).to(device)
+    packed = model(input_ids=torch.cat([a, b], dim=1), position_ids=positions, use_cache=False).logits[0, 7:].float()
+    model.train(was_training)
+    return bool(torch.allclose(packed, alone, rtol=1e-3, atol=1e-3 * float(alone.abs().max())))
+
+
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> tuple[torch.Tensor, int]:
     """(sum of next-token losses over supervised positions, number of those positions)."""
     with capture_lm_head_input(model) as captured:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        if "position_ids" in batch:  # packed rows: documents are separated by position resets, not by a mask
+            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        else:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     hidden = captured["hidden"][:, :-1]
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
