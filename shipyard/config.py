@@ -122,8 +122,14 @@ class ParallelConfig(Section):
     dp_replicate: int = Field(1, gt=0, description="Replica groups (HSDP); ranks = dp_replicate x dp_shard.")
     dp_shard: int = Field(-1, description="Ranks each replica shards over; -1: world size / dp_replicate.")
     reshard_after_forward: bool = Field(True, description="Free gathered block weights after forward (saves memory).")
-    activation_checkpointing: Literal["none", "full"] = Field("none", description="Recompute each block in backward.")
-    compile: bool = Field(False, description="torch.compile each decoder block.")
+    activation_checkpointing: Literal["none", "selective", "full"] = Field(
+        "none", description="Recompute in backward: full recomputes each block; selective keeps the outputs of "
+        "matmuls and attention and recomputes only the cheap pointwise ops (norms, activations, rotary)."
+    )
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile each decoder block; auto: on for CUDA (the fast path), off on CPU "
+        "(compiling costs more than it saves on small CPU runs)."
+    )
     pp: int = Field(1, gt=0, description="Pipeline stages (torch.distributed.pipelining); ranks = pp x data-parallel.")
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = Field("1f1b", description="Pipeline schedule.")
     pp_microbatches: int = Field(4, gt=0, description="Pipeline micro-batches per micro-batch (divides it).")

@@ -157,11 +157,37 @@ def test_activation_checkpointing_and_compile_keep_losses_and_names(tiny_recipe,
 
     plain = run("plain")
     assert run("ac", "parallel.activation_checkpointing=full") == plain  # recomputation is exact on CPU
+    assert run("sac", "parallel.activation_checkpointing=selective") == plain
     compiled = run("compiled", "parallel.compile=true", "parallel.activation_checkpointing=full")
     assert compiled == pytest.approx(plain, rel=1e-6)
     for name in ("ac", "compiled"):
         keys = list(safe_open(tmp_path / name / "final" / "model.safetensors", "pt").keys())
         assert keys and not [k for k in keys if "_orig_mod" in k or "_checkpoint_wrapped_module" in k]
+
+
+@pytest.mark.parametrize("mode, recomputes_matmuls", [("none", False), ("selective", False), ("full", True)])
+def test_selective_checkpointing_recomputes_no_matmul(mode, recomputes_matmuls):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from shipyard.parallel.fsdp import checkpointed, decoder_layers
+    from tests.fixtures import random_model
+
+    def backward_flops(mode):
+        model = random_model()
+        layers = decoder_layers(model)
+        for key, layer in list(layers.named_children()):
+            setattr(layers, key, checkpointed(layer, mode))
+        ids = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(0))
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        with FlopCounterMode(display=False) as counter:
+            loss.backward()
+        return counter.get_total_flops(), loss.item()
+
+    (flops, loss), (plain_flops, plain_loss) = backward_flops(mode), backward_flops("none")
+    assert loss == plain_loss
+    # Full recomputation repeats every forward matmul in backward; selective keeps their outputs.
+    assert (flops > plain_flops) == recomputes_matmuls
+    assert flops >= plain_flops
 
 
 def test_packed_rows_keep_documents_apart(tokenizer):
