@@ -64,7 +64,8 @@ def _print_train_report(recipe, summary: dict) -> None:
     ev = summary["eval"]
     print()
     print(f"done: {summary['steps']} steps in {summary['train_seconds']:.1f}s of training "
-          f"({summary['tokens_per_second']:,.0f} tokens/s), final train loss {summary['final_train_loss']:.4f}")
+          f"({summary['tokens_per_second']:,.0f} tokens/s), final train loss "
+          + (f"{summary['final_train_loss']:.4f}" if summary["final_train_loss"] is not None else "n/a"))
     if "loss" in ev:
         print(f"validation loss {ev['loss']:.4f}")
     if "exact_match" in ev:

@@ -33,7 +33,7 @@ from shipyard.parallel.fsdp import apply_parallelism, use_fsdp
 from shipyard.parallel.topology import Topology, build_topology
 from shipyard.peft.setup import setup_lora
 from shipyard.train.evaluate import exact_match
-from shipyard.train.metrics import MetricsLogger, plot_loss, truncate_metrics
+from shipyard.train.metrics import MetricsLogger, plot_loss, run_totals, truncate_metrics
 from shipyard.train.optim import build_optimizer, build_scheduler
 from shipyard.train.loss import isolates_packed_documents
 from shipyard.train.step import LocalRunner, supervised_tokens, train_step
@@ -189,6 +189,9 @@ def train(recipe: Recipe) -> TrainResult:
         batches.load_state_dict(info["data"])
         start_step = info["step"]
         say(f"resumed from {resume_dir} at step {start_step}")
+        if start_step >= total_steps:
+            say(f"the run in {out} is already complete ({total_steps} steps): nothing left to train; evaluating and "
+                "exporting its last checkpoint again (train.resume=never or another output_dir trains anew)")
     if main:
         truncate_metrics(out / "metrics.jsonl", start_step)
 
@@ -207,7 +210,7 @@ def train(recipe: Recipe) -> TrainResult:
 
     logger = MetricsLogger(out, total_steps, start_step, recipe.train.log_every, enabled=main)
     last_saved = resume_dir if start_step == total_steps else None
-    train_seconds, train_tokens, last_loss = 0.0, 0, float("nan")
+    train_seconds, train_tokens, last_loss = 0.0, 0, None
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         micro_batches = batches.next_step()
@@ -233,6 +236,8 @@ def train(recipe: Recipe) -> TrainResult:
                 keep_last=recipe.checkpoint.keep_last, adapter=adapter, model_fingerprint=model_fingerprint,
             )
     logger.close()
+    if main:  # the whole run's figures, including steps trained before a resume
+        last_loss, train_tokens, train_seconds = run_totals(out / "metrics.jsonl")
 
     summary_eval: dict = {}
     if data.validation:

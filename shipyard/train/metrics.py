@@ -102,6 +102,14 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def run_totals(path: Path) -> tuple[float | None, int, float]:
+    """(final train loss, tokens, training seconds) over every step on record, resumed parts included."""
+    rows = read_metrics(path)
+    tokens = sum(r["train/tokens"] for r in rows)
+    seconds = sum(r["train/tokens"] / r["train/tokens_per_second"] for r in rows if r["train/tokens_per_second"])
+    return (rows[-1]["train/loss"] if rows else None), tokens, seconds
+
+
 def plot_loss(metrics_path: Path, out_png: Path) -> None:
     """Training loss per step (raw and smoothed), validation loss points, and the lr on a second axis."""
     import matplotlib

@@ -143,3 +143,20 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
         return [json.loads(line)["train/loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
 
     assert losses(killed) == losses(straight)
+    # The summary covers the whole run, the steps before the kill included.
+    def summary(d):
+        return json.loads((d / "summary.json").read_text())
+
+    assert summary(killed)["final_train_loss"] == summary(straight)["final_train_loss"] == losses(straight)[-1]
+    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["train/tokens"] for r in rows) == pytest.approx(summary(killed)["tokens_per_second"] * summary(killed)["train_seconds"])
+
+    # Running a finished run again trains nothing and keeps its figures.
+    before = summary(straight)
+    proc = run_cli("train", "quickstart", *tiny_overrides(straight, steps=12), *common)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "already complete (12 steps): nothing left to train" in proc.stdout
+    after = summary(straight)
+    for key in ("final_train_loss", "tokens_per_second", "train_seconds", "steps", "final_checkpoint"):
+        assert after[key] == before[key], key
+    assert losses(straight) == losses(killed)
