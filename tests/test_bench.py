@@ -45,3 +45,15 @@ def test_bench_tiny_runs_both_sides_on_the_same_data():
     assert hf["parameters"] == ours["parameters"]
     assert report["ratio"] == pytest.approx(ours["tokens_per_second"] / hf["tokens_per_second"])
     assert report["packing_gain"] == pytest.approx(packed["tokens_per_second"] / ours["tokens_per_second"])
+
+
+def test_bench_switches_are_validated():
+    from shipyard.bench.run import parse_switches
+    from shipyard.errors import ShipyardError
+
+    assert parse_switches(["compile=false", "activation_checkpointing=selective"]) == {
+        "compile": False, "activation_checkpointing": "selective"}
+    with pytest.raises(ShipyardError, match="unknown switch 'comple'; known: compile"):
+        parse_switches(["comple=true"])
+    with pytest.raises(ShipyardError, match="activation_checkpointing takes one of none, selective, full"):
+        parse_switches(["activation_checkpointing=some"])
