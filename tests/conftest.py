@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -60,3 +61,14 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         text=True,
         timeout=timeout,
     )
+
+
+def losses(out_dir: Path) -> list[float]:
+    """The per-step training losses a run logged to metrics.jsonl."""
+    return [json.loads(line)["train/loss"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_close_trajectory(a: list[float], b: list[float], steps: int, rel: float = 1e-5) -> None:
+    assert len(a) == len(b) == steps
+    for step, (x, y) in enumerate(zip(a, b), start=1):
+        assert abs(x - y) <= rel * abs(x), f"step {step}: {x} vs {y}"

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from shipyard.config import load_recipe
 from shipyard.errors import ShipyardError
 from shipyard.train.loop import train
-from tests.conftest import run_cli
+from tests.conftest import assert_close_trajectory, losses, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -41,16 +41,6 @@ def run(out, ranks, *extra, env=None, ok=True):
     return proc
 
 
-def losses(out):
-    return [json.loads(line)["train/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_close_trajectory(a, b, rel=1e-5):
-    assert len(a) == len(b) == STEPS
-    for step, (x, y) in enumerate(zip(a, b), start=1):
-        assert abs(x - y) <= rel * abs(x), f"step {step}: {x} vs {y}"
-
-
 def weights(directory):
     return AutoModelForCausalLM.from_pretrained(directory).state_dict()
 
@@ -74,7 +64,7 @@ def cut_to(src, dst, step):
 
 
 def test_two_ranks_equal_one_rank(runs):
-    assert_close_trajectory(losses(runs / "one"), losses(runs / "two"))
+    assert_close_trajectory(losses(runs / "one"), losses(runs / "two"), STEPS)
     a, b = weights(runs / "one" / "final"), weights(runs / "two" / "final")
     assert a.keys() == b.keys()
     for name in a:
@@ -84,7 +74,7 @@ def test_two_ranks_equal_one_rank(runs):
 def test_hsdp_two_replicas_equal_one_rank(runs, tmp_path):
     out = tmp_path / "hsdp"
     run(out, 2, "parallel.dp_replicate=2", "checkpoint.every_steps=null", "eval.generate=false")
-    assert_close_trajectory(losses(runs / "one"), losses(out))
+    assert_close_trajectory(losses(runs / "one"), losses(out), STEPS)
 
 
 def test_sharded_checkpoint_layout(runs):
@@ -105,7 +95,7 @@ def test_resume_on_a_different_world_size(runs, tmp_path, first, second):
     cut_to(reference, resumed, EVERY)
     proc = run(resumed, second)
     assert f"resumed from {resumed / 'checkpoints' / f'step_{EVERY}'}" in proc.stdout
-    assert_close_trajectory(losses(reference), losses(resumed))
+    assert_close_trajectory(losses(reference), losses(resumed), STEPS)
 
 
 def test_consolidate_offline_on_any_number_of_processes(runs, tmp_path):

@@ -18,7 +18,7 @@ from shipyard.data.dataset import build_datasets
 from shipyard.parallel import pipeline
 from shipyard.train.loop import train
 from shipyard.train.step import LocalRunner, supervised_tokens
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, assert_close_trajectory, losses, run_cli
 from tests.fixtures import random_model
 
 STEPS = 10
@@ -31,16 +31,6 @@ def overrides(out, preset, ranks_dp=1, *extra):
         "data.validation={synthetic: reverse_words, num_records: 16, seed: 1}",
         "optim.lr=1e-3", "optim.warmup_steps=2", "checkpoint.every_steps=5", "eval.generate=false", *extra,
     ]
-
-
-def losses(out):
-    return [json.loads(line)["train/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_close(a, b, rel=1e-5):
-    assert len(a) == len(b) == STEPS
-    for step, (x, y) in enumerate(zip(a, b), start=1):
-        assert abs(x - y) <= rel * abs(x), f"step {step}: {x} vs {y}"
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +61,14 @@ def pp_qwen3(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_pp2_1f1b_equals_one_process_qwen3(reference, pp_qwen3):
-    assert_close(losses(reference / "qwen3-tiny-4l"), losses(pp_qwen3))
+    assert_close_trajectory(losses(reference / "qwen3-tiny-4l"), losses(pp_qwen3), STEPS)
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_pp2_1f1b_equals_one_process_llama(reference, tmp_path):
     run_pp(tmp_path / "pp", "llama-tiny", 2, "parallel.pp_schedule=1f1b", "parallel.pp_microbatches=4")
-    assert_close(losses(reference / "llama-tiny"), losses(tmp_path / "pp"))
+    assert_close_trajectory(losses(reference / "llama-tiny"), losses(tmp_path / "pp"), STEPS)
 
 
 @pytest.mark.slow
@@ -86,7 +76,7 @@ def test_pp2_1f1b_equals_one_process_llama(reference, tmp_path):
 @pytest.mark.parametrize("schedule", ["gpipe", "interleaved_1f1b"])
 def test_other_schedules_equal_one_process(reference, tmp_path, schedule):
     run_pp(tmp_path / "pp", "qwen3-tiny-4l", 2, f"parallel.pp_schedule={schedule}")
-    assert_close(losses(reference / "qwen3-tiny-4l"), losses(tmp_path / "pp"))
+    assert_close_trajectory(losses(reference / "qwen3-tiny-4l"), losses(tmp_path / "pp"), STEPS)
 
 
 @pytest.mark.slow
@@ -94,7 +84,7 @@ def test_other_schedules_equal_one_process(reference, tmp_path, schedule):
 def test_pp2_times_dp2_equals_one_process(reference, tmp_path):
     proc = run_pp(tmp_path / "pp", "qwen3-tiny-4l", 4)
     assert "(pipeline 2 x data 2)" in proc.stdout
-    assert_close(losses(reference / "qwen3-tiny-4l"), losses(tmp_path / "pp"))
+    assert_close_trajectory(losses(reference / "qwen3-tiny-4l"), losses(tmp_path / "pp"), STEPS)
 
 
 @pytest.mark.slow
@@ -143,7 +133,7 @@ def test_pp_checkpoint_has_hf_keys_and_resumes_without_pp(reference, pp_qwen3, t
     (resumed / "checkpoints" / "LATEST").write_text("step_5\n")
     result = train(load_recipe("quickstart", overrides(resumed, "qwen3-tiny-4l")))
     assert result.summary["resumed_from_step"] == 5
-    assert_close(losses(reference / "qwen3-tiny-4l"), losses(resumed))
+    assert_close_trajectory(losses(reference / "qwen3-tiny-4l"), losses(resumed), STEPS)
 
 
 @pytest.mark.slow
@@ -156,7 +146,7 @@ def test_unpipelined_checkpoint_resumes_with_pp(reference, tmp_path):
     (resumed / "checkpoints" / "LATEST").write_text("step_5\n")
     proc = run_pp(resumed, "qwen3-tiny-4l", 2)
     assert "resumed from" in proc.stdout
-    assert_close(losses(reference / "qwen3-tiny-4l"), losses(resumed))
+    assert_close_trajectory(losses(reference / "qwen3-tiny-4l"), losses(resumed), STEPS)
 
 
 @pytest.mark.slow

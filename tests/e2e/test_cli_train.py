@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, run_cli, tiny_overrides
+from tests.conftest import REPO, losses, run_cli, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -138,9 +138,6 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
     proc = run_cli("train", "quickstart", *tiny_overrides(killed, steps=12), *common)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"resumed from {killed / 'checkpoints' / f'step_{stopped_at}'}" in proc.stdout
-
-    def losses(d):
-        return [json.loads(line)["train/loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
 
     assert losses(killed) == losses(straight)
     # The summary covers the whole run, the steps before the kill included.
