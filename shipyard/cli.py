@@ -18,6 +18,7 @@ examples:
   shipyard train recipes/qwen3_0.6b_sft.yaml data.train=my_chats.jsonl
   shipyard train quickstart train.max_steps=100 optim.lr=1e-3
   shipyard config show quickstart                  # every setting, defaults included
+  shipyard data preview my_recipe.yaml             # the supervised tokens of the first samples
   shipyard export runs/quickstart/checkpoints/step_500 exported/
   shipyard verify runs/quickstart/final
 
@@ -104,6 +105,24 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_preview(args: argparse.Namespace) -> int:
+    from shipyard.config import load_recipe
+    from shipyard.data.preview import preview_datasets, print_preview, sample_json
+
+    recipe_arg, overrides = _split_recipe_and_overrides(args.recipe_and_overrides)
+    recipe = load_recipe(recipe_arg, overrides)
+    tokenizer, data = preview_datasets(recipe, args.limit)
+    if args.json:
+        for sample in data.train:
+            print(sample_json(sample))
+        print(json.dumps({"skipped_records": data.skipped.report(), "assistant_turns": data.turns_report()}),
+              file=sys.stderr)
+        return 0
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    print_preview(tokenizer, recipe, data, args.limit, sys.stdout, color)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
@@ -186,6 +205,30 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_sub.add_parser("show", help="print the resolved recipe, defaults and overrides applied")
     show.add_argument("recipe_and_overrides", nargs="*", metavar="[RECIPE] [KEY=VALUE ...]")
     show.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("data", help="look at training data as the model will see it")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    preview = data_sub.add_parser(
+        "preview",
+        help="show the first training samples with their supervised tokens highlighted",
+        description="Render the first records of a recipe's training data through the real pipeline (the same "
+        "tokenizer, chat template, template defaults, multi-turn setting and skip rules as `shipyard train`) and "
+        "show every training sample with the tokens the loss covers highlighted, then the skip counts. Look at "
+        "this before training on new data: a wrong loss mask does not show in a loss curve.",
+        epilog="examples:\n  shipyard data preview\n  shipyard data preview my_recipe.yaml --limit 5\n"
+        "  shipyard data preview recipes/qwen3_0.6b_sft.yaml data.train=chats.jsonl data.multi_turn=whole_dialog\n"
+        "  shipyard data preview my_recipe.yaml --json | jq .labels   # one JSON object per sample; -100 = not trained",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    preview.add_argument("recipe_and_overrides", nargs="*", metavar="[RECIPE] [KEY=VALUE ...]",
+                         help="a recipe file or shipped recipe name (default: quickstart), then dotted overrides")
+    preview.add_argument("--limit", type=int, default=20, metavar="N", help="training records to render (default: 20)")
+    preview.add_argument("--json", action="store_true",
+                         help="one JSON object per sample on stdout: source (file:line), turns, input_ids, labels "
+                         "(-100 where not supervised); skip counts on stderr")
+    preview.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                         help="highlight with colour (auto: on a terminal) or with [[brackets]]")
+    preview.set_defaults(func=cmd_data_preview)
 
     p = sub.add_parser(
         "export",

@@ -13,16 +13,37 @@ from __future__ import annotations
 
 import importlib.resources
 from pathlib import Path
+import logging
+import typing
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from shipyard.errors import ShipyardError, did_you_mean
+
+log = logging.getLogger(__name__)
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_accepts_bool(arg) for arg in typing.get_args(annotation))
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1: `train.max_steps=true` would silently train one step.
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and not _accepts_bool(annotation):
+            kinds = {t for t in (int, float) if t is annotation or t in typing.get_args(annotation)}
+            raise ValueError(f"expected {'a number' if kinds else 'a value of its own type'}, not the boolean "
+                             f"{str(value).lower()}")
+        return value
 
 
 class ModelConfig(Section):
@@ -62,6 +83,17 @@ class DataConfig(Section):
     max_length: int = Field(2048, gt=1, description="Tokens per sample after chat rendering.")
     overlength: Literal["truncate", "drop"] = Field("truncate", description="What to do with longer samples.")
     on_error: Literal["raise", "skip"] = Field("raise", description="Malformed records: stop with file:line, or count and skip.")
+    multi_turn: Literal["as_served", "whole_dialog"] = Field(
+        "as_served", description="as_served: every assistant turn is trained exactly as serving renders it (its history "
+        "re-rendered as the prompt), with extra samples where the template renders past turns differently (Qwen3 "
+        "drops their reasoning); whole_dialog: one rendering per dialog, turns that differ from serving unsupervised "
+        "and counted."
+    )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Template variables for every record (e.g. {enable_thinking: false}); "
+        "written into the exported template as its defaults so vLLM's default request renders like training. "
+        "A record's own chat_template_kwargs override them."
+    )
     packing: bool | Literal["auto"] = Field(
         "auto", description="Pack each micro-batch's samples into rows of max_length with per-document attention; "
         "auto: on with varlen attention (flash_attention_2/3, flex_attention) when a start-up check shows the "
@@ -237,9 +269,22 @@ def load_recipe(recipe: str | None = None, overrides: list[str] = ()) -> Recipe:
     if not isinstance(data, dict):
         raise ShipyardError(f"{path}: a recipe is a YAML mapping of sections (model:, data:, train:, ...)")
     data.setdefault("name", path.stem)
-    for text in overrides:
-        apply_override(data, *parse_override(text))
+    parsed = [parse_override(text) for text in overrides]
+    for keys, value in parsed:
+        apply_override(data, keys, value)
+    _forget_validation_of_replaced_train(data, [keys for keys, _ in parsed])
     return validate_recipe(data, source=str(path))
+
+
+def _forget_validation_of_replaced_train(data: dict, overridden: list[list[str]]) -> None:
+    """`data.train=mine.jsonl` alone must not keep the recipe's validation set: it belongs to other data."""
+    touched = {tuple(k[:2]) for k in overridden if k[:1] == ["data"]}
+    section = data.get("data")
+    if ("data", "train") in touched and ("data", "validation") not in touched and isinstance(section, dict) \
+            and section.get("validation"):
+        section.pop("validation")
+        log.info("data.train was replaced on the command line: the recipe's data.validation (other data) is not "
+                 "used; set data.validation=FILE or data.validation_fraction=0.05 to validate on the new data")
 
 
 def validate_recipe(data: dict, source: str = "recipe") -> Recipe:

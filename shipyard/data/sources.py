@@ -1,30 +1,25 @@
 """Read chat records from JSONL files, `datasets`-readable files, or a synthetic task.
 
-A record is `{"messages": [{"role": ..., "content": ...}, ...]}` (OpenAI style).
-A malformed record stops the run with `file:line` and the reason, unless the
-recipe says `data.on_error: skip`; then it is counted and reported. A record
-without an assistant turn has nothing to learn from: it is always skipped and
-counted. Nothing is dropped silently.
+A malformed record stops the run with `file:line` (1-based, for every format)
+and the reason, unless the recipe says `data.on_error: skip`; then it is counted
+and reported. A record without an assistant turn has nothing to learn from: it
+is always skipped and counted. Nothing is dropped silently.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 from shipyard.config import DataSource
 from shipyard.data import synthetic
+from shipyard.data.messages import Record, RecordError, normalise_record
 from shipyard.errors import ShipyardError
 
-ROLES = ("system", "user", "assistant", "tool")
+__all__ = ["Record", "SkipCounter", "read_source", "read_sources"]
 
-
-@dataclass
-class Record:
-    messages: list[dict]
-    origin: str  # "file:line", shown in every error about this record
+SKIP_HINT = "set data.on_error=skip to count and skip such records"
 
 
 class SkipCounter(Counter):
@@ -34,72 +29,88 @@ class SkipCounter(Counter):
         return {"total": sum(self.values()), **dict(sorted(self.items()))}
 
 
-def _problem(obj: object) -> str | None:
-    """Why `obj` is not a chat record, or None when it is one."""
-    if not isinstance(obj, dict) or "messages" not in obj:
-        return 'expected an object with a "messages" list, e.g. {"messages": [{"role": "user", "content": "hi"}, ...]}'
-    messages = obj["messages"]
-    if not isinstance(messages, list) or not messages:
-        return '"messages" must be a non-empty list'
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            return f"messages[{i}] is not an object"
-        if m.get("role") not in ROLES:
-            return f"messages[{i}].role is {m.get('role')!r}; expected one of {', '.join(ROLES)}"
-        if not isinstance(m.get("content"), str):
-            return f"messages[{i}].content must be a string (got {type(m.get('content')).__name__})"
-    return None
+def handle_bad_record(error: RecordError, origin: str, on_error: str, skipped: SkipCounter) -> None:
+    """Count a record shipyard cannot use, or stop with its origin; records without assistant turns are always counted."""
+    if on_error == "skip" or error.reason == "no_assistant_turn":
+        skipped[error.reason] += 1
+        return
+    raise ShipyardError(f"{origin}: {error} ({SKIP_HINT})")
 
 
-def _check(obj: object, origin: str, on_error: str, skipped: SkipCounter) -> Record | None:
-    problem = _problem(obj)
-    if problem is not None:
-        if on_error == "skip":
-            skipped["malformed"] += 1
-            return None
-        raise ShipyardError(f"{origin}: {problem} (set data.on_error=skip to count and skip such records)")
-    messages = [{"role": m["role"], "content": m["content"]} for m in obj["messages"]]
-    if not any(m["role"] == "assistant" for m in messages):
-        skipped["no_assistant_turn"] += 1
+def _record(obj: object, origin: str, on_error: str, skipped: SkipCounter) -> Record | None:
+    try:
+        return normalise_record(obj, origin)
+    except RecordError as e:
+        handle_bad_record(e, origin, on_error, skipped)
         return None
-    return Record(messages, origin)
+
+
+def _parse_line(raw: bytes, lineno: int) -> object:
+    """One JSONL line as an object, or RecordError saying what is wrong with it."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(
+            f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8"
+        ) from None
+    if lineno == 1:
+        line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"not valid JSON ({e.msg} at column {e.colno}); each line must hold one JSON record") from None
 
 
 def _read_jsonl(path: Path, on_error: str, skipped: SkipCounter) -> list[Record]:
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    with path.open("rb") as f:  # bytes: a bad byte is one bad line, not a crash of the whole file
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             origin = f"{path}:{lineno}"
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                if on_error == "skip":
-                    skipped["malformed"] += 1
-                    continue
-                raise ShipyardError(
-                    f"{origin}: not valid JSON ({e.msg} at column {e.colno}); "
-                    "each line must hold one JSON record (set data.on_error=skip to count and skip such lines)"
-                ) from None
-            if (record := _check(obj, origin, on_error, skipped)) is not None:
+                obj = _parse_line(raw, lineno)
+            except RecordError as e:
+                handle_bad_record(e, origin, on_error, skipped)
+                continue
+            if (record := _record(obj, origin, on_error, skipped)) is not None:
                 records.append(record)
     return records
+
+
+def _decode_json_columns(row: dict) -> dict:
+    """CSV stores nested data as JSON text: decode the columns that hold records' structure."""
+    out = dict(row)
+    for key in ("messages", "tools", "chat_template_kwargs"):
+        value = out.get(key)
+        if isinstance(value, str):
+            try:
+                out[key] = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise RecordError(f'the "{key}" column is text but not valid JSON ({e.msg} at column {e.colno})') from None
+        elif value is None and key != "messages":
+            out.pop(key, None)  # columnar formats fill absent optional fields with null
+    return out
 
 
 def _read_with_datasets(path: Path, on_error: str, skipped: SkipCounter) -> list[Record]:
     import datasets  # imported lazily: it is slow to import and JSONL needs none of it
 
     builder = {".json": "json", ".parquet": "parquet", ".csv": "csv"}[path.suffix]
-    table = datasets.load_dataset(builder, data_files=str(path), split="train")
+    try:
+        table = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # noqa: BLE001 - pyarrow and datasets raise many kinds; all mean "cannot read this file"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ShipyardError(f"{path}: cannot be read as {builder.upper()} ({first})") from None
     records = []
-    for i, row in enumerate(table):
-        if isinstance(row.get("messages"), str):  # CSV stores nested data as JSON text
-            try:
-                row = {**row, "messages": json.loads(row["messages"])}
-            except json.JSONDecodeError:
-                pass
-        if (record := _check(row, f"{path}:row {i}", on_error, skipped)) is not None:
+    for row_number, row in enumerate(table, start=1):
+        origin = f"{path}:row {row_number}"
+        try:
+            obj = _decode_json_columns(row)
+        except RecordError as e:
+            handle_bad_record(e, origin, on_error, skipped)
+            continue
+        if (record := _record(obj, origin, on_error, skipped)) is not None:
             records.append(record)
     return records
 
@@ -110,6 +121,8 @@ def read_source(source: DataSource, on_error: str, skipped: SkipCounter) -> list
         rows = generate(source.num_records, source.seed)
         return [Record(r["messages"], f"synthetic:{source.synthetic}#{i}") for i, r in enumerate(rows)]
     path = Path(source.path).expanduser()
+    if path.is_dir():
+        raise ShipyardError(f"data file '{source.path}' is a directory; name a .jsonl, .json, .parquet or .csv file in it")
     if not path.is_file():
         raise ShipyardError(f"data file '{source.path}' does not exist (relative paths are read from {Path.cwd()})")
     if path.suffix in (".json", ".parquet", ".csv"):

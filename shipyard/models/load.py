@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from shipyard.config import ModelConfig
+from shipyard.data.chat import apply_template_defaults
 from shipyard.errors import ShipyardError, did_you_mean
 from shipyard.models.presets import PRESETS, preset_config
 
@@ -61,7 +62,8 @@ def _hub_error(path: str, error: Exception) -> ShipyardError:
     )
 
 
-def load_tokenizer(cfg: ModelConfig, source: ModelSource) -> PreTrainedTokenizerBase:
+def load_tokenizer(cfg: ModelConfig, source: ModelSource, template_defaults: dict | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer training renders with; `template_defaults` (data.chat_template_kwargs) become its template's defaults."""
     name = cfg.tokenizer or (str(SHIPPED_TOKENIZER) if source.kind == "preset" else source.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
@@ -70,6 +72,7 @@ def load_tokenizer(cfg: ModelConfig, source: ModelSource) -> PreTrainedTokenizer
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and loss, so any id works; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
+    apply_template_defaults(tokenizer, template_defaults or {})
     return tokenizer
 
 
@@ -101,9 +104,10 @@ def load_model(cfg: ModelConfig, source: ModelSource, seed: int) -> PreTrainedMo
     return model
 
 
-def load(cfg: ModelConfig, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]:
+def load(cfg: ModelConfig, seed: int, template_defaults: dict | None = None
+         ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]:
     source = resolve_source(cfg.path)
-    tokenizer = load_tokenizer(cfg, source)
+    tokenizer = load_tokenizer(cfg, source, template_defaults)
     model = load_model(cfg, source, seed)
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:

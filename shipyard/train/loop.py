@@ -157,10 +157,10 @@ def train(recipe: Recipe) -> TrainResult:
     started = time.perf_counter()
 
     seed_everything(recipe.seed)
-    model, tokenizer, source = load(recipe.model, recipe.seed)
+    model, tokenizer, source = load(recipe.model, recipe.seed, recipe.data.chat_template_kwargs)
     data = build_datasets(recipe.data, tokenizer, recipe.seed)
     meta = model_meta(model, tokenizer, source)
-    meta.probe = make_probe(tokenizer, data.validation_records or data.train_head)
+    meta.probe = make_probe(tokenizer, data.validation_records, data.train_records, recipe.data.multi_turn)
     eos_ids = eos_token_ids(tokenizer, meta.base_eos)
     adapter = setup_lora(model, recipe, meta, source, dist_info) if recipe.lora is not None else None
     model_fingerprint = fingerprint(model)  # of the whole model, before it is split into pipeline stages
@@ -201,6 +201,10 @@ def train(recipe: Recipe) -> TrainResult:
         f"{len(data.train)} train / {len(data.validation)} validation samples "
         f"({count_targets(data.train):,} supervised tokens); global batch {plan.global_batch}; {total_steps} steps"
     )
+    say(f"data: multi_turn={recipe.data.multi_turn}; assistant turns {data.turns_report()}; "
+        f"validation: {data.validation_origin}"
+        + (f"; chat_template_kwargs {recipe.data.chat_template_kwargs} (exported as the template's defaults)"
+           if recipe.data.chat_template_kwargs else ""))
     if data.skipped.report()["total"] or data.truncated:
         say(f"data: skipped {data.skipped.report()}, truncated {data.truncated}")
 
@@ -263,6 +267,9 @@ def train(recipe: Recipe) -> TrainResult:
         "steps": total_steps,
         "resumed_from_step": start_step,
         "skipped_records": data.skipped.report(),
+        "multi_turn": recipe.data.multi_turn,
+        "assistant_turns": data.turns_report(),
+        "chat_template_kwargs": recipe.data.chat_template_kwargs,
         "truncated_records": data.truncated,
         "final_checkpoint": str(final_dir) if final_dir else None,
         "last_step_checkpoint": str(last_saved),

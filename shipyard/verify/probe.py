@@ -1,11 +1,13 @@
 """`shipyard_verify.json`: what training saw, kept next to the weights so `verify` can compare.
 
-Written into every checkpoint and export: a few prompts from the run's
-validation data (the prompts `verify` generates from), and one dialog with the
-exact token ids and loss mask the data pipeline produced for it at training
-time. A serving template that renders that dialog differently — a changed
-template, a thinking-mode default, a dropped end-of-turn token — shows up as a
-difference here, long before it shows up as a model that never stops.
+Written into every checkpoint and export: a few prompts from the run's data
+(the prompts `verify` generates from), and a sample of training dialogs, one of
+every shape the data has (multi-turn, reasoning, tool calls, tools offered,
+system prompt, per-record template kwargs), each with the exact token ids and
+loss masks the data pipeline produced for it. A serving template that renders
+one of them differently — a changed template, a flipped thinking-mode default,
+a dropped end-of-turn token — shows up as a difference here, long before it
+shows up as a model that never stops.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from shipyard.data.chat import prompt_and_reference, tokenize_dialog
-from shipyard.data.sources import Record
+from shipyard.data.chat import prompt_and_reference, tokenize_record
+from shipyard.data.messages import Record, reasoning_of
 
 PROBE_FILE = "shipyard_verify.json"
 MAX_PROMPTS = 8
+MAX_DIALOGS = 8
 
 BUILTIN_PROMPTS = [
     [{"role": "user", "content": "reverse: red fox sun"}],
@@ -41,15 +44,50 @@ BUILTIN_DIALOG = [
 ]
 
 
-def make_probe(tokenizer: PreTrainedTokenizerBase, records: list[Record]) -> dict:
-    """Prompts and a training-time rendering from `records` (validation data first), or built-ins."""
+def shape_of(record: Record) -> tuple[str, ...]:
+    """The features of a dialog that change how a template renders it."""
+    m = record.messages
+    features = {
+        "multi_turn": sum(x["role"] == "assistant" for x in m) > 1,
+        "reasoning": any(reasoning_of(x) or "</think>" in x["content"] for x in m if x["role"] == "assistant"),
+        "tool_calls": any(x.get("tool_calls") for x in m),
+        "tools": bool(record.tools),
+        "system": any(x["role"] == "system" for x in m),
+        "template_kwargs": bool(record.template_kwargs),
+    }
+    return tuple(name for name, present in features.items() if present) or ("single_turn",)
+
+
+def pick_dialogs(records: list[Record], limit: int = MAX_DIALOGS) -> list[Record]:
+    """The first record of every shape, at most `limit`."""
+    seen: dict[tuple, Record] = {}
+    for record in records:
+        seen.setdefault(shape_of(record), record)
+        if len(seen) >= limit:
+            break
+    return list(seen.values())
+
+
+def render_for_probe(tokenizer: PreTrainedTokenizerBase, record: Record, multi_turn: str) -> list[dict]:
+    return [{"input_ids": s.input_ids, "labels": s.labels}
+            for s in tokenize_record(tokenizer, record, multi_turn).samples]
+
+
+def make_probe(tokenizer: PreTrainedTokenizerBase, validation: list[Record], train: list[Record],
+               multi_turn: str = "as_served") -> dict:
+    """Prompts (validation first) and training-time renderings of one dialog of every shape in `train`."""
+    records = validation + train
     prompts = [prompt_and_reference(r)[0] for r in records[:MAX_PROMPTS]] or BUILTIN_PROMPTS
-    dialog = max(records[:64], key=lambda r: len(r.messages)).messages if records else BUILTIN_DIALOG
-    sample = tokenize_dialog(tokenizer, Record(dialog, "probe"))
+    dialogs = pick_dialogs(train or validation) or [Record(BUILTIN_DIALOG, "builtin")]
     return {
-        "format": 1,
+        "format": 2,
         "prompts": prompts,
-        "training_render": {"messages": dialog, "input_ids": sample.input_ids, "labels": sample.labels},
+        "multi_turn": multi_turn,
+        "dialogs": [
+            {"source": r.origin, "shape": list(shape_of(r)), "messages": r.messages, "tools": r.tools,
+             "chat_template_kwargs": r.template_kwargs, "samples": render_for_probe(tokenizer, r, multi_turn)}
+            for r in dialogs
+        ],
     }
 
 

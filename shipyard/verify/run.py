@@ -4,10 +4,11 @@
 2. vLLM loads DIR in a subprocess and answers the same dialogs through its own
    chat path (`LLM.chat`): the prompt ids it rendered and the tokens it
    generated come back;
-3. template parity: the dialog recorded at training time renders to the same
-   ids through DIR's template, the loss mask the pipeline derives is the same,
-   and every supervised assistant turn ends with an id generation_config.json
-   treats as EOS (or the served model never stops);
+3. template parity: every dialog recorded at training time (one of each shape
+   the data had: multi-turn, reasoning, tools, ...) renders to the same ids
+   through DIR's template with default settings, the loss masks the pipeline
+   derives are the same, and every supervised assistant turn ends with an id
+   generation_config.json treats as EOS (or the served model never stops);
 4. everything is compared and reported; the exit code is 0 only if all agree.
 """
 
@@ -25,12 +26,12 @@ from pathlib import Path
 
 import transformers
 
-from shipyard.data.chat import IGNORE_INDEX, tokenize_dialog
-from shipyard.data.sources import Record
+from shipyard.data.chat import IGNORE_INDEX
+from shipyard.data.messages import Record, RecordError
 from shipyard.errors import ShipyardError
 from shipyard.peft.adapter_dir import ADAPTER_CONFIG, is_adapter_dir, resolve_base_dir
 from shipyard.verify.hf_greedy import greedy, load_for_verify, render_prompt_ids
-from shipyard.verify.probe import BUILTIN_DIALOG, BUILTIN_PROMPTS, read_probe
+from shipyard.verify.probe import BUILTIN_DIALOG, BUILTIN_PROMPTS, read_probe, render_for_probe
 
 VLLM_TIMEOUT_S = 900
 
@@ -72,32 +73,62 @@ def eos_ids_of(directory: Path, tokenizer) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or [])
 
 
-def template_parity(tokenizer, probe: dict | None, eos_ids: list[int]) -> dict:
-    """Training-time rendering vs DIR's template, mask drift, and EOS at the end of every assistant turn."""
-    recorded = (probe or {}).get("training_render")
-    dialog = recorded["messages"] if recorded else BUILTIN_DIALOG
-    text = tokenizer.apply_chat_template(dialog, tokenize=False)
-    served = tokenizer(text, add_special_tokens=False)["input_ids"]
-    problems = []
+def recorded_dialogs(probe: dict | None) -> list[dict]:
+    """The training-time renderings in a probe (format 1 held one dialog, format 2 one of every shape)."""
+    if not probe:
+        return []
+    if "dialogs" in probe:
+        return probe["dialogs"]
+    old = probe.get("training_render")
+    return [{"source": "probe", "shape": [], "messages": old["messages"], "tools": None, "chat_template_kwargs": {},
+             "samples": [{"input_ids": old["input_ids"], "labels": old["labels"]}]}] if old else []
+
+
+def _turn_ends(labels: list[int]) -> list[int]:
+    return [labels[i] for i in range(len(labels))
+            if labels[i] != IGNORE_INDEX and (i + 1 == len(labels) or labels[i + 1] == IGNORE_INDEX)]
+
+
+def _compare_dialog(tokenizer, dialog: dict, multi_turn: str) -> tuple[list[str], list[list[int]]]:
+    """Problems rendering one recorded dialog with DIR's template, and the label lists it produced."""
+    name = f"dialog {dialog['source']}" + (f" ({', '.join(dialog['shape'])})" if dialog.get("shape") else "")
+    record = Record(dialog["messages"], dialog["source"], dialog.get("tools"), dialog.get("chat_template_kwargs") or {})
     try:
-        labels = tokenize_dialog(tokenizer, Record(dialog, "verify")).labels
-    except ShipyardError as e:
-        labels = None
-        problems.append(f"shipyard cannot derive the loss mask with this template: {e}")
-    if recorded:
-        at = first_difference(recorded["input_ids"], served)
+        served = render_for_probe(tokenizer, record, multi_turn)
+    except (ShipyardError, RecordError) as e:
+        return [f"{name}: shipyard cannot derive the loss mask with this template: {e}"], []
+    recorded = dialog["samples"]
+    if len(served) != len(recorded):
+        return [f"{name}: training made {len(recorded)} sample(s) of it, the exported template {len(served)}"], []
+    for k, (a, b) in enumerate(zip(recorded, served)):
+        at = first_difference(a["input_ids"], b["input_ids"])
+        where = f"{name}, sample {k + 1}"
         if at is not None:
-            problems.insert(0,
-                f"chat template drift at token {at}: training rendered {_show(tokenizer, recorded['input_ids'], at)}, "
-                f"the exported template renders {_show(tokenizer, served, at)}"
-            )
-        elif labels is not None and recorded["labels"] != labels:
-            at = first_difference(recorded["labels"], labels)
-            problems.append(f"loss mask drift at token {at} ({_show(tokenizer, served, at)})")
-    ends = [] if labels is None else [
-        labels[i] for i in range(len(labels))
-        if labels[i] != IGNORE_INDEX and (i + 1 == len(labels) or labels[i + 1] == IGNORE_INDEX)
-    ]
+            return [f"{where}: chat template drift at token {at}: training rendered "
+                    f"{_show(tokenizer, a['input_ids'], at)}, the exported template renders {_show(tokenizer, b['input_ids'], at)}"], []
+        at = first_difference(a["labels"], b["labels"])
+        if at is not None:
+            return [f"{where}: loss mask drift at token {at} ({_show(tokenizer, b['input_ids'], at)})"], []
+    return [], [s["labels"] for s in served]
+
+
+def template_parity(tokenizer, probe: dict | None, eos_ids: list[int]) -> dict:
+    """Training-time renderings vs DIR's template (ids and masks), and EOS at the end of every assistant turn."""
+    dialogs = recorded_dialogs(probe)
+    multi_turn = (probe or {}).get("multi_turn", "as_served")
+    problems: list[str] = []
+    label_lists: list[list[int]] = []
+    if dialogs:
+        for dialog in dialogs:
+            found, labels = _compare_dialog(tokenizer, dialog, multi_turn)
+            problems += found
+            label_lists += labels
+    else:
+        try:
+            label_lists = [s["labels"] for s in render_for_probe(tokenizer, Record(BUILTIN_DIALOG, "verify"), multi_turn)]
+        except (ShipyardError, RecordError) as e:
+            problems.append(f"shipyard cannot derive the loss mask with this template: {e}")
+    ends = [t for labels in label_lists for t in _turn_ends(labels)]
     missing = sorted({tokenizer.convert_ids_to_tokens(t) for t in ends if t not in eos_ids})
     if missing:
         problems.append(
@@ -106,8 +137,9 @@ def template_parity(tokenizer, probe: dict | None, eos_ids: list[int]) -> dict:
         )
     return {
         "ok": not problems,
-        "recorded_at_training": bool(recorded),
-        "tokens": len(served),
+        "recorded_at_training": bool(dialogs),
+        "dialogs": len(dialogs),
+        "tokens": sum(len(labels) for labels in label_lists),
         "problems": problems,
     }
 
@@ -257,7 +289,8 @@ def format_report(report: dict) -> str:
     t = report["template"]
     source = "recorded at training time" if t["recorded_at_training"] else "built-in dialog (no shipyard_verify.json)"
     if t["ok"]:
-        lines.append(f"  template parity: OK ({t['tokens']} tokens, {source}); assistant turns end with EOS")
+        lines.append(f"  template parity: OK ({t.get('dialogs', 1)} dialog(s), {t['tokens']} tokens, {source}); "
+                     "assistant turns end with EOS")
     else:
         lines.append(f"  template parity: FAILED ({source})")
         lines.extend(f"    - {p}" for p in t["problems"])

@@ -1,0 +1,62 @@
+"""`shipyard data preview`: the training samples of a recipe's first records, supervised tokens shown.
+
+It runs the same code as training (the recipe's tokenizer with its template
+defaults, `build_datasets` with the recipe's settings and skip rules), so what
+it shows is what a run trains on: mask bugs are invisible in loss curves.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TextIO
+
+from shipyard.config import Recipe
+from shipyard.data.chat import IGNORE_INDEX, Sample
+from shipyard.data.dataset import Datasets, build_datasets
+from shipyard.models.load import load_tokenizer, resolve_source
+
+HIGHLIGHT = ("\x1b[30;42m", "\x1b[0m")  # supervised tokens: black on green
+BRACKETS = ("[[", "]]")  # the same, where colour cannot be shown
+
+
+def preview_datasets(recipe: Recipe, limit: int):
+    """(tokenizer, datasets holding the samples of the first `limit` training records)."""
+    tokenizer = load_tokenizer(recipe.model, resolve_source(recipe.model.path), recipe.data.chat_template_kwargs)
+    return tokenizer, build_datasets(recipe.data, tokenizer, recipe.seed, limit=limit)
+
+
+def sample_json(sample: Sample) -> str:
+    return json.dumps({"source": sample.source, "turns": list(sample.turns), "input_ids": sample.input_ids,
+                       "labels": sample.labels})
+
+
+def highlighted(tokenizer, sample: Sample, marks: tuple[str, str]) -> str:
+    """The sample's text with every supervised run of tokens wrapped in `marks`."""
+    out, run, supervised = [], [], False
+    for token, label in zip(sample.input_ids, sample.labels):
+        inside = label != IGNORE_INDEX
+        if inside != supervised and run:
+            text = tokenizer.decode(run)
+            out.append(f"{marks[0]}{text}{marks[1]}" if supervised else text)
+            run = []
+        supervised = inside
+        run.append(token)
+    if run:
+        text = tokenizer.decode(run)
+        out.append(f"{marks[0]}{text}{marks[1]}" if supervised else text)
+    return "".join(out)
+
+
+def print_preview(tokenizer, recipe: Recipe, data: Datasets, limit: int, stream: TextIO, color: bool) -> None:
+    marks = HIGHLIGHT if color else BRACKETS
+    legend = "green" if color else "[[inside double brackets]]"
+    print(f"first {limit} training records of {', '.join(s.describe() for s in recipe.data.train)} "
+          f"-> {len(data.train)} samples (multi_turn={recipe.data.multi_turn}; supervised tokens {legend})", file=stream)
+    if recipe.data.chat_template_kwargs:
+        print(f"chat_template_kwargs (template defaults): {recipe.data.chat_template_kwargs}", file=stream)
+    for n, sample in enumerate(data.train, start=1):
+        print(f"\n--- sample {n}: {sample.source}, assistant turns {list(sample.turns)}, "
+              f"{len(sample.input_ids)} tokens, {sample.num_targets} supervised", file=stream)
+        print(highlighted(tokenizer, sample, marks), file=stream)
+    print(f"\nassistant turns: {data.turns_report()}", file=stream)
+    print(f"skipped records: {data.skipped.report()}; truncated samples: {data.truncated}", file=stream)
