@@ -68,3 +68,10 @@ def test_nothing_is_executed_from_yaml(tmp_path):
     # A python tag is refused by the safe loader instead of being constructed.
     with pytest.raises(ShipyardError, match="not valid YAML"):
         load_recipe(write(tmp_path, "data: !!python/object/apply:os.system ['echo pwned']\n"))
+
+
+@pytest.mark.parametrize("override", ["train.max_steps=true", "optim.lr=false", "train.micro_batch_size=true"])
+def test_booleans_are_not_numbers(override):
+    with pytest.raises(ShipyardError, match=rf"'{override.split('=')[0]}': .*expected a number, not the boolean"):
+        load_recipe("quickstart", [override])
+    assert load_recipe("quickstart", ["parallel.fsdp=true", "data.packing=false"]).parallel.fsdp is True

@@ -133,3 +133,86 @@ def test_collate_pads_right_and_masks(tokenizer):
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+# ---------------------------------------------------------------- defects a user hit, each reproduced
+
+
+def test_invalid_utf8_names_the_line_or_is_counted(tmp_path, tokenizer):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"messages": "\xff\xfe"}\n' + json.dumps(GOOD).encode() + b"\n")
+    with pytest.raises(ShipyardError, match=rf"{path}:2: not valid UTF-8 \(byte 0xff at column 15\); save the file as UTF-8"):
+        build_datasets(config(path), tokenizer, seed=0)
+    data = build_datasets(config(path, on_error="skip"), tokenizer, seed=0)
+    assert len(data.train) == 2 and data.skipped.report() == {"total": 1, "malformed": 1}
+
+
+def test_byte_order_mark_is_accepted(tmp_path, tokenizer):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n" + json.dumps(GOOD).encode() + b"\n")
+    data = build_datasets(config(path, on_error="skip"), tokenizer, seed=0)
+    assert len(data.train) == 2 and data.skipped.report() == {"total": 0}
+
+
+def test_directory_is_named_as_such(tmp_path, tokenizer):
+    with pytest.raises(ShipyardError, match="is a directory; name a .jsonl"):
+        build_datasets(config(tmp_path), tokenizer, seed=0)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".parquet", ".csv"])
+def test_tabular_rows_are_one_based_with_the_real_reason(tmp_path, tokenizer, suffix):
+    import datasets
+
+    good = {"messages": json.dumps(GOOD["messages"])}
+    rows = [good, {"messages": json.dumps([{"role": "robot", "content": "x"}])}, {"messages": '[{"role": oops'}]
+    path = tmp_path / f"chats{suffix}"
+    table = datasets.Dataset.from_list(rows)
+    {".json": table.to_json, ".parquet": table.to_parquet, ".csv": table.to_csv}[suffix](str(path))
+    with pytest.raises(ShipyardError, match=rf"{path}:row 2: messages\[0\].role is 'robot'"):
+        build_datasets(config(path), tokenizer, seed=0)
+    bad_json = config(path, on_error="skip")
+    data = build_datasets(bad_json, tokenizer, seed=0)
+    assert len(data.train) == 1 and data.skipped.report() == {"total": 2, "malformed": 2}
+    rows[1] = good
+    table = datasets.Dataset.from_list(rows)
+    {".json": table.to_json, ".parquet": table.to_parquet, ".csv": table.to_csv}[suffix](str(path))
+    with pytest.raises(ShipyardError, match=rf'{path}:row 3: the "messages" column is text but not valid JSON'):
+        build_datasets(config(path), tokenizer, seed=0)
+
+
+def test_whitespace_only_answers_are_counted_as_empty(tmp_path, tokenizer):
+    blank = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " \n\t"}]}
+    path = jsonl(tmp_path, [GOOD, blank, blank])
+    data = build_datasets(config(path), tokenizer, seed=0)
+    assert len(data.train) == 1
+    assert data.skipped.report() == {"total": 2, "empty_answer": 2}
+    assert data.turns_report() == {"empty_answer": 2, "supervised": 1}
+
+
+def test_template_errors_are_counted_under_skip(tmp_path, tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = "{% if messages[0].role != 'user' %}{{ raise_exception('first turn must be user') }}{% endif %}" \
+        + tok.chat_template
+    sys_first = {"messages": [{"role": "system", "content": "s"}, *GOOD["messages"]]}
+    path = jsonl(tmp_path, [GOOD, sys_first])
+    with pytest.raises(ShipyardError, match=rf"{path}:2: the chat template failed on this record: first turn must be user"):
+        build_datasets(config(path), tok, seed=0)
+    data = build_datasets(config(path, on_error="skip"), tok, seed=0)
+    assert data.skipped.report() == {"total": 1, "template_error": 1}
+
+
+def test_replacing_train_on_the_command_line_drops_the_recipes_validation(tmp_path, tokenizer):
+    from shipyard.config import load_recipe
+
+    path = jsonl(tmp_path, [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+                            for i in range(4)])
+    recipe = load_recipe("quickstart", [f"data.train={path}"])
+    assert recipe.data.validation == []
+    data = build_datasets(recipe.data, tokenizer, seed=0)
+    assert data.validation == [] and data.validation_origin.startswith("none")
+    recipe = load_recipe("quickstart", [f"data.train={path}", "data.validation_fraction=0.25"])
+    assert build_datasets(recipe.data, tokenizer, seed=0).validation_origin.startswith("1 records carved")
+    # giving both keeps both
+    assert load_recipe("quickstart", [f"data.train={path}", f"data.validation={path}"]).data.validation[0].path == str(path)

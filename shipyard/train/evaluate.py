@@ -19,16 +19,16 @@ from shipyard.parallel.dist import DistInfo
 
 @torch.no_grad()
 def greedy_answers(
-    model, tokenizer: PreTrainedTokenizerBase, prompts: list[list[dict]], eos_ids: list[int], cfg: EvalConfig, device, synced: bool = False
+    model, tokenizer: PreTrainedTokenizerBase, prompts: list[str], eos_ids: list[int], cfg: EvalConfig, device, synced: bool = False
 ) -> list[str]:
-    """Greedy completions of chat prompts, decoded without special tokens."""
+    """Greedy completions of rendered chat prompts, decoded without special tokens."""
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right: pad prompts on the left
     answers = []
     try:
         for start in range(0, len(prompts), cfg.batch_size):
-            texts = [render_text(tokenizer, p, add_generation_prompt=True) for p in prompts[start : start + cfg.batch_size]]
+            texts = prompts[start : start + cfg.batch_size]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             out = model.generate(
                 **enc,
@@ -52,9 +52,9 @@ def exact_match(
     """{"exact_match": fraction, "num_prompts": n, "examples": first few (prompt, expected, got)}."""
     records = records[: cfg.max_prompts]
     pairs = [prompt_and_reference(r) for r in records]
-    answers = greedy_answers(
-        model, tokenizer, [p for p, _ in pairs], eos_ids, cfg, dist_info.device, synced=dist_info.distributed
-    )
+    texts = [render_text(tokenizer, p, add_generation_prompt=True, tools=r.tools, kwargs=r.template_kwargs)
+             for (p, _), r in zip(pairs, records)]
+    answers = greedy_answers(model, tokenizer, texts, eos_ids, cfg, dist_info.device, synced=dist_info.distributed)
     hits = [a.strip() == ref.strip() for a, (_, ref) in zip(answers, pairs)]
     examples = [
         {"prompt": p[-1]["content"], "expected": ref, "got": a.strip()}

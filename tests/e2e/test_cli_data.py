@@ -1,0 +1,49 @@
+"""Bad data through the CLI: a `file:line` message and exit 2, or a counted skip; never a traceback."""
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+GOOD = {"messages": [{"role": "user", "content": "reverse: red fox"}, {"role": "assistant", "content": "fox red"}]}
+
+
+def assert_user_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, proc.stderr
+
+
+def test_every_bad_input_is_named_or_counted(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    lines = [
+        b"\xef\xbb\xbf" + json.dumps(GOOD).encode(),                      # 1: BOM, fine
+        b'{"messages": "caf\xe9"}',                                       # 2: Latin-1 byte
+        b'{"messages": [oops',                                            # 3: not JSON
+        json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                 {"role": "assistant", "content": "  "}]}).encode(),  # 4: empty answer
+        json.dumps({"messages": [{"role": "user", "content": None},
+                                 {"role": "assistant", "content": "x"}]}).encode(),   # 5: null user content
+        json.dumps({"messages": [{"role": "user", "content": "w?"}, {"role": "assistant", "content": "a",
+                                 "reasoning_content": "r"}]}).encode(),               # 6: template has no reasoning
+        json.dumps(GOOD).encode(),
+    ]
+    bad.write_bytes(b"\n".join(lines) + b"\n")
+    proc = run_cli("data", "preview", f"data.train={bad}")
+    assert_user_error(proc, f"{bad}:2: not valid UTF-8 (byte 0xe9 at column 18)", "data.on_error=skip")
+
+    proc = run_cli("data", "preview", f"data.train={bad}", "data.on_error=skip", "--json")
+    assert proc.returncode == 0, proc.stderr
+    samples = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [s["source"] for s in samples] == [f"{bad}:1", f"{bad}:7"]
+    counts = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert counts["skipped_records"] == {"total": 5, "empty_answer": 1, "malformed": 3, "reasoning_not_rendered": 1}
+
+    proc = run_cli("data", "preview", f"data.train={tmp_path}")
+    assert_user_error(proc, f"data file '{tmp_path}' is a directory")
+    proc = run_cli("train", "quickstart", "train.max_steps=true")
+    assert_user_error(proc, "'train.max_steps': ", "expected a number, not the boolean true")
