@@ -26,11 +26,14 @@ def trained(tmp_path_factory):
 def test_probe_records_training_rendering(trained):
     probe = read_probe(trained)
     assert len(probe["prompts"]) == 8 and probe["prompts"][0][0]["content"].startswith("reverse: ")
-    rendered = probe["training_render"]
+    assert probe["multi_turn"] == "as_served" and len(probe["dialogs"]) == 1  # the synthetic task has one shape
+    dialog = probe["dialogs"][0]
+    assert dialog["shape"] == ["single_turn"] and len(dialog["samples"]) == 1
+    rendered = dialog["samples"][0]
     assert len(rendered["input_ids"]) == len(rendered["labels"])
     _, tok = load_for_verify(trained)
     assert template_parity(tok, probe, eos_ids_of(trained, tok)) == {
-        "ok": True, "recorded_at_training": True, "tokens": len(rendered["input_ids"]), "problems": []}
+        "ok": True, "recorded_at_training": True, "dialogs": 1, "tokens": len(rendered["input_ids"]), "problems": []}
 
 
 def test_changed_template_is_named(trained, tmp_path):
@@ -38,7 +41,8 @@ def test_changed_template_is_named(trained, tmp_path):
     tok.chat_template = tok.chat_template.replace("'\\n' + message['content']", "': ' + message['content']")
     result = template_parity(tok, read_probe(trained), eos_ids_of(trained, tok))
     assert not result["ok"]
-    assert "chat template drift at token 2: training rendered" in result["problems"][0]
+    assert f"dialog {read_probe(trained)['dialogs'][0]['source']} (single_turn), sample 1: chat template drift at " \
+        "token 2: training rendered" in result["problems"][0]
     assert "user\\n" in result["problems"][0] and "user: " in result["problems"][0]
 
 

@@ -69,7 +69,7 @@ def pick_dialogs(records: list[Record], limit: int = MAX_DIALOGS) -> list[Record
 
 
 def render_for_probe(tokenizer: PreTrainedTokenizerBase, record: Record, multi_turn: str) -> list[dict]:
-    return [{"input_ids": s.input_ids, "labels": s.labels}
+    return [{"turns": list(s.turns), "input_ids": s.input_ids, "labels": s.labels}
             for s in tokenize_record(tokenizer, record, multi_turn).samples]
 
 

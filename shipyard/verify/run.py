@@ -26,7 +26,7 @@ from pathlib import Path
 
 import transformers
 
-from shipyard.data.chat import IGNORE_INDEX
+from shipyard.data.chat import IGNORE_INDEX, render_text
 from shipyard.data.messages import Record, RecordError
 from shipyard.errors import ShipyardError
 from shipyard.peft.adapter_dir import ADAPTER_CONFIG, is_adapter_dir, resolve_base_dir
@@ -98,17 +98,22 @@ def _compare_dialog(tokenizer, dialog: dict, multi_turn: str) -> tuple[list[str]
     except (ShipyardError, RecordError) as e:
         return [f"{name}: shipyard cannot derive the loss mask with this template: {e}"], []
     recorded = dialog["samples"]
-    if len(served) != len(recorded):
-        return [f"{name}: training made {len(recorded)} sample(s) of it, the exported template {len(served)}"], []
-    for k, (a, b) in enumerate(zip(recorded, served)):
-        at = first_difference(a["input_ids"], b["input_ids"])
+    for k, a in enumerate(recorded):
         where = f"{name}, sample {k + 1}"
+        if k < len(served):
+            b = served[k]["input_ids"]
+        else:  # the template no longer makes this sample: compare with its plain rendering of the same turns
+            last = max(a.get("turns") or [len(record.messages) - 1])
+            text = render_text(tokenizer, record.messages[: last + 1], tools=record.tools, kwargs=record.template_kwargs)
+            b = tokenizer(text, add_special_tokens=False)["input_ids"][: len(a["input_ids"])]
+        at = first_difference(a["input_ids"], b)
         if at is not None:
             return [f"{where}: chat template drift at token {at}: training rendered "
-                    f"{_show(tokenizer, a['input_ids'], at)}, the exported template renders {_show(tokenizer, b['input_ids'], at)}"], []
-        at = first_difference(a["labels"], b["labels"])
-        if at is not None:
-            return [f"{where}: loss mask drift at token {at} ({_show(tokenizer, b['input_ids'], at)})"], []
+                    f"{_show(tokenizer, a['input_ids'], at)}, the exported template renders {_show(tokenizer, b, at)}"], []
+        if k < len(served) and (at := first_difference(a["labels"], served[k]["labels"])) is not None:
+            return [f"{where}: loss mask drift at token {at} ({_show(tokenizer, b, at)})"], []
+    if len(served) != len(recorded):
+        return [f"{name}: training made {len(recorded)} sample(s) of it, the exported template {len(served)}"], []
     return [], [s["labels"] for s in served]
 
 
