@@ -85,3 +85,26 @@ def with_custom_code_in_subfolder(out: Path) -> Path:
 def copy_dir(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+CHAT_TEMPLATES = Path(__file__).resolve().parent / "fixtures" / "chat_templates"
+
+
+def template_manifest() -> dict:
+    """Published chat templates stored as test data (tests/fixtures/chat_templates/SOURCES.md names each source)."""
+    return json.loads((CHAT_TEMPLATES / "manifest.json").read_text())
+
+
+def family_tokenizer(family: str, template: str = "chat_template.jinja"):
+    """The shipped tokenizer with a published template and that family's control tokens added as special tokens."""
+    from tokenizers import AddedToken
+
+    spec = template_manifest()[family]
+    tok = AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER)
+    controls = [t for t in [*spec["special_tokens"], spec["bos_token"], spec["eos_token"], spec["end_of_turn"]] if t]
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(controls)], special_tokens=True)
+    if spec["bos_token"]:
+        tok.bos_token = spec["bos_token"]
+    tok.eos_token = spec["eos_token"]
+    tok.chat_template = (CHAT_TEMPLATES / family / template).read_text()
+    return tok
