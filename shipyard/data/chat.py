@@ -97,6 +97,23 @@ def render_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_ge
     return render(tokenizer, messages, tools=tools, kwargs=kwargs, add_generation_prompt=add_generation_prompt)[0]
 
 
+def eos_token_ids(tokenizer: PreTrainedTokenizerBase, base_eos: list[int] | int | None = None) -> list[int]:
+    """Every id that ends an assistant turn: the template's end-of-turn token, the tokenizer's EOS, the base's EOS.
+
+    Export writes these into generation_config.json (what vLLM stops on), and a turn's supervision ends with
+    the first of them, so the model learns to stop exactly where serving will.
+    """
+    ids: list[int] = []
+    eot = end_of_turn(tokenizer) if tokenizer.chat_template else ""
+    if eot:
+        ids.append(tokenizer.convert_tokens_to_ids(eot))
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    if base_eos is not None:
+        ids.extend([base_eos] if isinstance(base_eos, int) else base_eos)
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
     """The special token the template writes right after an assistant message ('' if none)."""
     template = tokenizer.chat_template
@@ -132,32 +149,36 @@ def _is_empty(message: dict) -> bool:
     return not message["content"].strip() and not (reasoning_of(message) or "").strip() and not message.get("tool_calls")
 
 
-def _turn_end(tokenizer, text: str, start: int, spans: list[tuple[int, int]], eot: str, origin: str, i: int) -> int:
-    """Where assistant turn i's supervision ends in `text` (its rendering as the last turn)."""
+def _first_stop(text: str, start: int, stops: list[str]) -> int | None:
+    """The end of the first stop token in text[start:], or None."""
+    found = [(at, len(tok)) for tok in stops if (at := text.find(tok, start)) >= 0]
+    return min(found)[0] + min(found)[1] if found else None
+
+
+def _turn_end(text: str, start: int, spans: list[tuple[int, int]], stops: list[str]) -> int:
+    """Where an assistant turn's supervision ends in `text` (its rendering as the last turn): after its first
+    stop token, as generation ends there. With `{% generation %}` markers, the marker's end decides, extended
+    through a stop token that directly follows it. Raises TurnSkipped when no stop token ends the turn."""
+    end = _first_stop(text, start, stops)
     if spans:
-        ends = [e for s, e in spans if e > start]
-        if not ends:
-            raise ShipyardError(f"{origin}: the chat template has {{% generation %}} markers but none covers assistant turn {i}")
-        end = max(ends)
-        rest = text[end:]
-        if eot and not text[start:end].rstrip().endswith(eot) and rest.lstrip().startswith(eot):
-            end += len(rest) - len(rest.lstrip()) + len(eot)  # the model must learn to stop
-        return end
-    at = text.rfind(eot, start) if eot else -1
-    if at < 0:
-        raise ShipyardError(
-            f"{origin}: the chat template writes no end-of-turn token after assistant turn {i}, so the model "
-            "could not learn to stop; use a chat template (model.tokenizer) that ends assistant turns with a special token"
-        )
-    return at + len(eot)
+        marker_end = max((e for _, e in spans if e > start), default=None)
+        if marker_end is None:
+            raise TurnSkipped("no_generation_marker")
+        if end is not None and end > marker_end and text[marker_end:end].strip() not in stops:
+            end = None  # the first stop token lies beyond the marked turn
+    if end is None:
+        raise TurnSkipped("no_end_of_turn")  # the model would never learn to stop: train nothing rather than that
+    return end
 
 
 def _check_rendered(tokenizer, record: Record, i: int, rendered: str, kwargs: dict) -> None:
     """Reasoning and tool calls the template ignores would be dropped silently: refuse instead."""
     message = record.messages[i]
     head = record.messages[:i]
-    if reasoning_of(message) and render_text(tokenizer, head + [without_reasoning(message)], tools=record.tools,
-                                             kwargs=kwargs) == rendered:
+    inline = message["content"].partition("</think>")
+    bare = {**without_reasoning(message), "content": inline[2] if inline[1] else message["content"]}
+    if (reasoning_of(message) or inline[1]) and render_text(tokenizer, head + [bare], tools=record.tools,
+                                                            kwargs=kwargs) == rendered:
         raise RecordError(
             f"assistant turn {i} has reasoning, but the chat template never renders it; put the reasoning in "
             "the content (e.g. <think>...</think> before the answer) or use a template that reads reasoning_content",
@@ -173,7 +194,23 @@ def _check_rendered(tokenizer, record: Record, i: int, rendered: str, kwargs: di
             )
 
 
-def render_turn(tokenizer, record: Record, i: int, kwargs: dict) -> tuple[str, str]:
+def _check_tool_results(tokenizer, record: Record, kwargs: dict) -> None:
+    """A template that drops tool results would train answers to questions the model never saw answered."""
+    tool_turns = [j for j, m in enumerate(record.messages) if m["role"] == "tool" and m["content"].strip()]
+    if not tool_turns:
+        return
+    full = render_text(tokenizer, record.messages, tools=record.tools, kwargs=kwargs)
+    for j in tool_turns:
+        blanked = [*record.messages[:j], {**record.messages[j], "content": ""}, *record.messages[j + 1 :]]
+        if render_text(tokenizer, blanked, tools=record.tools, kwargs=kwargs) == full:
+            raise RecordError(
+                f"messages[{j}] is a tool result, but the chat template never renders tool messages; use a "
+                "template with tool support (model.tokenizer)",
+                reason="tool_result_not_rendered",
+            )
+
+
+def render_turn(tokenizer, record: Record, i: int, kwargs: dict, stops: list[str]) -> tuple[str, str]:
     """(serving prompt, completion) of assistant turn i; raises TurnSkipped or RecordError."""
     message = record.messages[i]
     if _is_empty(message):
@@ -184,7 +221,7 @@ def render_turn(tokenizer, record: Record, i: int, kwargs: dict) -> tuple[str, s
     if not rendered.startswith(prompt):
         raise TurnSkipped("not_servable")
     _check_rendered(tokenizer, record, i, rendered, kwargs)
-    end = _turn_end(tokenizer, rendered, len(prompt), spans, end_of_turn(tokenizer), record.origin, i)
+    end = _turn_end(rendered, len(prompt), spans, stops)
     return prompt, rendered[len(prompt) : end]
 
 
@@ -206,23 +243,25 @@ def _supervise(sample: Sample, prompt_ids: list[int], completion_ids: list[int],
 
 
 def tokenize_record(tokenizer: PreTrainedTokenizerBase, record: Record, multi_turn: str = "as_served",
-                    template_kwargs: dict | None = None) -> Tokenized:
+                    stop_ids: list[int] | None = None) -> Tokenized:
     """Training samples of one record. Raises RecordError for data the template cannot honour.
 
-    `template_kwargs` are extra chat_template_kwargs (the record's own override them); recipe-level
-    ones normally live in the template as defaults instead (see `template_defaults`).
+    `stop_ids` are the ids serving stops on (default: `eos_token_ids(tokenizer)`); recipe-level
+    chat_template_kwargs live in the template as defaults (see `template_defaults`), a record's own are passed.
     """
     if multi_turn not in MULTI_TURN_MODES:
         raise ValueError(f"multi_turn must be one of {MULTI_TURN_MODES}")
-    kwargs = {**(template_kwargs or {}), **record.template_kwargs}
+    kwargs = record.template_kwargs
+    stops = tokenizer.convert_ids_to_tokens(stop_ids if stop_ids is not None else eos_token_ids(tokenizer))
     counts: Counter = Counter()
     turns: list[tuple[int, list[int], list[int]]] = []
     try:
+        _check_tool_results(tokenizer, record, kwargs)
         for i, message in enumerate(record.messages):
             if message["role"] != "assistant":
                 continue
             try:
-                prompt, completion = render_turn(tokenizer, record, i, kwargs)
+                prompt, completion = render_turn(tokenizer, record, i, kwargs, stops)
             except TurnSkipped as skip:
                 counts[skip.reason] += 1
                 continue
@@ -252,7 +291,7 @@ def tokenize_record(tokenizer: PreTrainedTokenizerBase, record: Record, multi_tu
 
 
 def tokenize_dialog(tokenizer: PreTrainedTokenizerBase, record: Record, multi_turn: str = "as_served") -> Sample:
-    """The one sample of a dialog whose turns all share it (tests, benchmarks, the built-in verify dialog)."""
+    """The one sample of a dialog whose turns all share it (tests and benchmarks)."""
     out = tokenize_record(tokenizer, record, multi_turn)
     if len(out.samples) != 1:
         raise ShipyardError(f"{record.origin}: this dialog becomes {len(out.samples)} samples, not one ({dict(out.turns)})")

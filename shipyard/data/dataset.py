@@ -49,14 +49,14 @@ def _fit_length(sample: Sample, max_length: int, policy: str) -> Sample | None:
 
 def tokenize_records(
     records: list[Record], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, skipped: SkipCounter,
-    turns: Counter | None = None,
+    turns: Counter | None = None, stop_ids: list[int] | None = None,
 ) -> tuple[list[Sample], list[Record], int]:
     """Samples of `records` in order, the records that gave at least one, and how many samples were truncated."""
     samples, kept, truncated = [], [], 0
     turns = Counter() if turns is None else turns
     for record in records:
         try:
-            out = tokenize_record(tokenizer, record, cfg.multi_turn)
+            out = tokenize_record(tokenizer, record, cfg.multi_turn, stop_ids)
         except RecordError as e:
             handle_bad_record(e, record.origin, cfg.on_error, skipped)
             continue
@@ -97,8 +97,10 @@ def _key(record: Record) -> str:
     return json.dumps([record.messages, record.tools, record.template_kwargs], sort_keys=True)
 
 
-def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, limit: int | None = None) -> Datasets:
-    """Read, split and tokenize. `limit` tokenizes only the first training records (`shipyard data preview`)."""
+def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, limit: int | None = None,
+                   stop_ids: list[int] | None = None) -> Datasets:
+    """Read, split and tokenize. `limit` tokenizes only the first training records (`shipyard data preview`);
+    `stop_ids` are the ids serving stops on (`eos_token_ids`)."""
     skipped = SkipCounter()
     train_records, val_records, val_origin = _split_validation(
         cfg, read_sources(cfg.train, cfg.on_error, skipped), read_sources(cfg.validation, cfg.on_error, skipped), seed
@@ -114,8 +116,8 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
         train_records, val_records = train_records[:limit], []
 
     turns: Counter = Counter()
-    train, train_kept, truncated = tokenize_records(train_records, tokenizer, cfg, skipped, turns)
-    validation, val_kept, val_truncated = tokenize_records(val_records, tokenizer, cfg, skipped)
+    train, train_kept, truncated = tokenize_records(train_records, tokenizer, cfg, skipped, turns, stop_ids)
+    validation, val_kept, val_truncated = tokenize_records(val_records, tokenizer, cfg, skipped, stop_ids=stop_ids)
     if not train and limit is None:
         sources = ", ".join(s.describe() for s in cfg.train)
         raise ShipyardError(

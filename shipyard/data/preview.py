@@ -11,9 +11,9 @@ import json
 from typing import TextIO
 
 from shipyard.config import Recipe
-from shipyard.data.chat import IGNORE_INDEX, Sample
+from shipyard.data.chat import IGNORE_INDEX, Sample, eos_token_ids
 from shipyard.data.dataset import Datasets, build_datasets
-from shipyard.models.load import load_tokenizer, resolve_source
+from shipyard.models.load import base_eos, load_tokenizer, resolve_source
 
 HIGHLIGHT = ("\x1b[30;42m", "\x1b[0m")  # supervised tokens: black on green
 BRACKETS = ("[[", "]]")  # the same, where colour cannot be shown
@@ -21,8 +21,10 @@ BRACKETS = ("[[", "]]")  # the same, where colour cannot be shown
 
 def preview_datasets(recipe: Recipe, limit: int):
     """(tokenizer, datasets holding the samples of the first `limit` training records)."""
-    tokenizer = load_tokenizer(recipe.model, resolve_source(recipe.model.path), recipe.data.chat_template_kwargs)
-    return tokenizer, build_datasets(recipe.data, tokenizer, recipe.seed, limit=limit)
+    source = resolve_source(recipe.model.path)
+    tokenizer = load_tokenizer(recipe.model, source, recipe.data.chat_template_kwargs)
+    stop_ids = eos_token_ids(tokenizer, base_eos(recipe.model, source))
+    return tokenizer, build_datasets(recipe.data, tokenizer, recipe.seed, limit=limit, stop_ids=stop_ids)
 
 
 def sample_json(sample: Sample) -> str:

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from shipyard.data.chat import end_of_turn
+from shipyard.data.chat import eos_token_ids
 from shipyard.errors import ShipyardError
 from shipyard.verify.probe import write_probe
 
@@ -191,19 +191,6 @@ def write_config(out_dir: Path, config: PretrainedConfig, weights_dtype: torch.d
         data.pop(key, None)
     data["transformers_version"] = transformers.__version__
     (out_dir / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def eos_token_ids(tokenizer: PreTrainedTokenizerBase, base_eos: list[int] | int | None = None) -> list[int]:
-    """Every id that ends an assistant turn: the template's end-of-turn token, the tokenizer's EOS, the base's EOS."""
-    ids: list[int] = []
-    eot = end_of_turn(tokenizer) if tokenizer.chat_template else ""
-    if eot:
-        ids.append(tokenizer.convert_tokens_to_ids(eot))
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    if base_eos is not None:
-        ids.extend([base_eos] if isinstance(base_eos, int) else base_eos)
-    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 def write_generation_config(out_dir: Path, eos_ids: list[int], pad_id: int | None) -> None:

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase,
+)
 
 from shipyard.config import ModelConfig
 from shipyard.data.chat import apply_template_defaults
@@ -74,6 +76,21 @@ def load_tokenizer(cfg: ModelConfig, source: ModelSource, template_defaults: dic
         tokenizer.pad_token = tokenizer.eos_token
     apply_template_defaults(tokenizer, template_defaults or {})
     return tokenizer
+
+
+def base_eos(cfg: ModelConfig, source: ModelSource) -> list[int] | int | None:
+    """The EOS ids the model's generation config lists, without loading its weights (`shipyard data preview`)."""
+    if source.kind == "preset":
+        return preset_config(source.name).eos_token_id
+    path = str(source.local_dir or source.name)
+    try:
+        return GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:  # no generation_config.json: transformers derives one from config.json
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError):
+            return None
+        return GenerationConfig.from_model_config(config).eos_token_id
 
 
 def load_model(cfg: ModelConfig, source: ModelSource, seed: int) -> PreTrainedModel:

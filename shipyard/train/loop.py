@@ -24,7 +24,8 @@ from shipyard.data.dataset import build_datasets, count_targets
 from shipyard.errors import ShipyardError
 from shipyard.data.loader import BatchPlan, StepBatches, eval_batches
 from shipyard.export.export import export_checkpoint
-from shipyard.export.hf import ModelMeta, WeightLayout, eos_token_ids
+from shipyard.data.chat import eos_token_ids
+from shipyard.export.hf import ModelMeta, WeightLayout
 from shipyard.fsutil import write_text_atomic
 from shipyard.models.load import load
 from shipyard.parallel import pipeline
@@ -158,10 +159,10 @@ def train(recipe: Recipe) -> TrainResult:
 
     seed_everything(recipe.seed)
     model, tokenizer, source = load(recipe.model, recipe.seed, recipe.data.chat_template_kwargs)
-    data = build_datasets(recipe.data, tokenizer, recipe.seed)
     meta = model_meta(model, tokenizer, source)
-    meta.probe = make_probe(tokenizer, data.validation_records, data.train_records, recipe.data.multi_turn)
-    eos_ids = eos_token_ids(tokenizer, meta.base_eos)
+    eos_ids = eos_token_ids(tokenizer, meta.base_eos)  # what serving stops on; every supervised turn ends with one
+    data = build_datasets(recipe.data, tokenizer, recipe.seed, stop_ids=eos_ids)
+    meta.probe = make_probe(tokenizer, data.validation_records, data.train_records, recipe.data.multi_turn, eos_ids)
     adapter = setup_lora(model, recipe, meta, source, dist_info) if recipe.lora is not None else None
     model_fingerprint = fingerprint(model)  # of the whole model, before it is split into pipeline stages
     n_params = sum(p.numel() for p in model.parameters())

@@ -68,13 +68,14 @@ def pick_dialogs(records: list[Record], limit: int = MAX_DIALOGS) -> list[Record
     return list(seen.values())
 
 
-def render_for_probe(tokenizer: PreTrainedTokenizerBase, record: Record, multi_turn: str) -> list[dict]:
+def render_for_probe(tokenizer: PreTrainedTokenizerBase, record: Record, multi_turn: str,
+                     stop_ids: list[int] | None = None) -> list[dict]:
     return [{"turns": list(s.turns), "input_ids": s.input_ids, "labels": s.labels}
-            for s in tokenize_record(tokenizer, record, multi_turn).samples]
+            for s in tokenize_record(tokenizer, record, multi_turn, stop_ids).samples]
 
 
 def make_probe(tokenizer: PreTrainedTokenizerBase, validation: list[Record], train: list[Record],
-               multi_turn: str = "as_served") -> dict:
+               multi_turn: str = "as_served", stop_ids: list[int] | None = None) -> dict:
     """Prompts (validation first) and training-time renderings of one dialog of every shape in `train`."""
     records = validation + train
     prompts = [prompt_and_reference(r)[0] for r in records[:MAX_PROMPTS]] or BUILTIN_PROMPTS
@@ -85,7 +86,7 @@ def make_probe(tokenizer: PreTrainedTokenizerBase, validation: list[Record], tra
         "multi_turn": multi_turn,
         "dialogs": [
             {"source": r.origin, "shape": list(shape_of(r)), "messages": r.messages, "tools": r.tools,
-             "chat_template_kwargs": r.template_kwargs, "samples": render_for_probe(tokenizer, r, multi_turn)}
+             "chat_template_kwargs": r.template_kwargs, "samples": render_for_probe(tokenizer, r, multi_turn, stop_ids)}
             for r in dialogs
         ],
     }

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import transformers
 
-from shipyard.data.chat import IGNORE_INDEX, render_text
+from shipyard.data.chat import IGNORE_INDEX, eos_token_ids, render_text
 from shipyard.data.messages import Record, RecordError
 from shipyard.errors import ShipyardError
 from shipyard.peft.adapter_dir import ADAPTER_CONFIG, is_adapter_dir, resolve_base_dir
@@ -89,12 +89,12 @@ def _turn_ends(labels: list[int]) -> list[int]:
             if labels[i] != IGNORE_INDEX and (i + 1 == len(labels) or labels[i + 1] == IGNORE_INDEX)]
 
 
-def _compare_dialog(tokenizer, dialog: dict, multi_turn: str) -> tuple[list[str], list[list[int]]]:
+def _compare_dialog(tokenizer, dialog: dict, multi_turn: str, stops: list[int]) -> tuple[list[str], list[list[int]]]:
     """Problems rendering one recorded dialog with DIR's template, and the label lists it produced."""
     name = f"dialog {dialog['source']}" + (f" ({', '.join(dialog['shape'])})" if dialog.get("shape") else "")
     record = Record(dialog["messages"], dialog["source"], dialog.get("tools"), dialog.get("chat_template_kwargs") or {})
     try:
-        served = render_for_probe(tokenizer, record, multi_turn)
+        served = render_for_probe(tokenizer, record, multi_turn, stops)
     except (ShipyardError, RecordError) as e:
         return [f"{name}: shipyard cannot derive the loss mask with this template: {e}"], []
     recorded = dialog["samples"]
@@ -125,16 +125,17 @@ def template_parity(tokenizer, probe: dict | None, eos_ids: list[int]) -> dict:
     """Training-time renderings vs DIR's template (ids and masks), and EOS at the end of every assistant turn."""
     dialogs = recorded_dialogs(probe)
     multi_turn = (probe or {}).get("multi_turn", "as_served")
+    stops = eos_token_ids(tokenizer, eos_ids)  # render as training did; whether serving stops is checked below
     problems: list[str] = []
     label_lists: list[list[int]] = []
     if dialogs:
         for dialog in dialogs:
-            found, labels = _compare_dialog(tokenizer, dialog, multi_turn)
+            found, labels = _compare_dialog(tokenizer, dialog, multi_turn, stops)
             problems += found
             label_lists += labels
     else:
         try:
-            label_lists = [s["labels"] for s in render_for_probe(tokenizer, Record(BUILTIN_DIALOG, "verify"), multi_turn)]
+            label_lists = [s["labels"] for s in render_for_probe(tokenizer, Record(BUILTIN_DIALOG, "verify"), multi_turn, stops)]
         except (ShipyardError, RecordError) as e:
             problems.append(f"shipyard cannot derive the loss mask with this template: {e}")
     ends = [t for labels in label_lists for t in _turn_ends(labels)]
