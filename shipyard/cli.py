@@ -170,7 +170,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from shipyard.verify.run import format_report, verify
 
     report = verify(Path(args.dir), max_new_tokens=args.max_new_tokens, allow_missing_vllm=args.allow_missing_vllm,
-                    trust_remote_code=args.trust_remote_code)
+                    trust_remote_code=args.trust_remote_code, logprob_tolerance=args.logprob_tolerance)
     print(json.dumps(report) if args.json else format_report(report))
     return 0 if report["ok"] else 1
 
@@ -284,9 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "verify",
-        help="prove a directory serves: transformers vs vLLM greedy tokens, chat-template parity",
+        help="prove a directory serves: transformers vs vLLM greedy tokens and logprobs, chat-template parity",
         description="Load DIR in transformers and in vLLM (a subprocess), answer the same chat prompts greedily "
-        "(the run's validation prompts when DIR came from shipyard), and compare token ids and logprobs. Also "
+        "(the run's validation prompts when DIR came from shipyard), and compare token ids and the logprobs of the "
+        "chosen tokens (within a tolerance for vLLM's dtype). Also "
         "checks that DIR's chat template renders exactly what training rendered and that every assistant turn "
         "ends with an EOS id. Exit 0 only when everything agrees.",
         epilog="examples:\n  shipyard verify runs/quickstart/final\n  shipyard verify runs/quickstart/final --json | jq .ok",
@@ -295,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="a Hugging Face directory, e.g. runs/NAME/final")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens compared per prompt (default: 32)")
+    p.add_argument("--logprob-tolerance", type=float, metavar="X",
+                   help="largest |logprob difference| of a generated token accepted (default by vLLM's dtype: "
+                   "float32 1e-3, float16 5e-2, bfloat16 1e-1)")
     p.add_argument("--allow-missing-vllm", action="store_true", help="exit 0 without vLLM installed (reports available: false)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
     p.set_defaults(func=cmd_verify)

@@ -34,6 +34,10 @@ from shipyard.verify.hf_greedy import greedy, load_for_verify, render_prompt_ids
 from shipyard.verify.probe import BUILTIN_DIALOG, BUILTIN_PROMPTS, read_probe, render_for_probe
 
 VLLM_TIMEOUT_S = 900
+# Largest |logprob(transformers) - logprob(vLLM)| of a chosen token accepted for the dtype vLLM ran in. Two
+# engines computing the same function in fp32 agree to ~1e-5 (reduction order); a different function (a dropped
+# soft-cap, another rope scaling) shows as 1e-2 and more even when the greedy tokens still agree.
+LOGPROB_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 1e-1}
 
 
 def vllm_available() -> bool:
@@ -169,11 +173,13 @@ def compare_generations(hf: list[tuple[list[int], list[float]]], vllm: dict, hf_
         diff = first_difference(tokens, v_tokens)
         matched = len(tokens) if diff is None else diff
         deltas = [abs(a - b) for a, b in zip(logprobs[:matched], v_logprobs[:matched])]
+        worst = max(range(len(deltas)), key=deltas.__getitem__) if deltas else None
         rows.append({
             "matched_tokens": matched,
             "total_tokens": len(tokens),
             "first_mismatch": diff,
-            "max_abs_logprob_diff": max(deltas) if deltas else None,
+            "max_abs_logprob_diff": deltas[worst] if deltas else None,
+            "max_logprob_diff_token": worst,
             "prompt_ids_equal": hf_prompt == v_prompt,
             "prompt_first_difference": first_difference(hf_prompt, v_prompt),
         })
@@ -225,7 +231,17 @@ def prepare(directory: Path, *, max_new_tokens: int, trust_remote_code: bool) ->
     return Prepared(tokenizer, prompt_ids, hf, report, job)
 
 
-def finish(prep: Prepared, vllm_version: str | None, result: dict | None, allow_missing_vllm: bool) -> dict:
+def logprob_check(rows: list[dict], dtype: str, tolerance: float | None) -> dict:
+    """The largest logprob difference over all prompts, where it is, and whether it is within the tolerance."""
+    tol = tolerance if tolerance is not None else LOGPROB_TOLERANCE.get(dtype, 1e-1)
+    measured = [(r["max_abs_logprob_diff"], i, r["max_logprob_diff_token"]) for i, r in enumerate(rows)
+                if r["max_abs_logprob_diff"] is not None]
+    diff, prompt, token = max(measured) if measured else (0.0, None, None)
+    return {"max_abs_diff": diff, "prompt": prompt, "token": token, "tolerance": tol, "ok": diff <= tol}
+
+
+def finish(prep: Prepared, vllm_version: str | None, result: dict | None, allow_missing_vllm: bool,
+           logprob_tolerance: float | None = None) -> dict:
     """Compare the vLLM result (None: vLLM not installed) with the transformers half; fill in `ok`."""
     report, tokenizer = prep.report, prep.tokenizer
     vllm_report: dict = {"available": result is not None}
@@ -243,6 +259,7 @@ def finish(prep: Prepared, vllm_version: str | None, result: dict | None, allow_
                 greedy_match=all(r["matched_tokens"] == r["total_tokens"] for r in rows),
                 prompt_ids_match=all(r["prompt_ids_equal"] for r in rows),
                 max_abs_logprob_diff=max((r["max_abs_logprob_diff"] or 0.0) for r in rows),
+                logprobs=logprob_check(rows, result["dtype"], logprob_tolerance),
             )
             for i, row in enumerate(rows):
                 if not row["prompt_ids_equal"]:
@@ -254,20 +271,23 @@ def finish(prep: Prepared, vllm_version: str | None, result: dict | None, allow_
                     report["template"]["ok"] = False
     report["template_parity"] = report["template"]["ok"]
     report["vllm"] = vllm_report
-    vllm_ok = vllm_report.get("greedy_match", False) if result is not None else allow_missing_vllm
+    agrees = vllm_report.get("greedy_match", False) and vllm_report.get("logprobs", {}).get("ok", False)
+    vllm_ok = agrees if result is not None else allow_missing_vllm
     report["ok"] = bool(report["template_parity"] and vllm_ok)
     return report
 
 
 def verify_many(
-    directories: list[Path], *, max_new_tokens: int = 32, allow_missing_vllm: bool = False, trust_remote_code: bool = False
+    directories: list[Path], *, max_new_tokens: int = 32, allow_missing_vllm: bool = False, trust_remote_code: bool = False,
+    logprob_tolerance: float | None = None,
 ) -> list[dict]:
     """Verify several directories with one vLLM worker process (vLLM's import is paid once)."""
     preps = [prepare(d, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code) for d in directories]
     if not vllm_available():
         return [finish(p, None, None, allow_missing_vllm) for p in preps]
     out = run_vllm_jobs([p.job for p in preps])
-    return [finish(p, out["vllm_version"], r, allow_missing_vllm) for p, r in zip(preps, out["results"])]
+    return [finish(p, out["vllm_version"], r, allow_missing_vllm, logprob_tolerance)
+            for p, r in zip(preps, out["results"])]
 
 
 def verify(directory: Path, **kwargs) -> dict:
@@ -296,6 +316,10 @@ def format_report(report: dict) -> str:
                 f"    {short:<40} {row['matched_tokens']:>13}/{row['total_tokens']:<6} "
                 f"{(f'{lp:.1e}' if lp is not None else '-'):>15} {'equal' if row['prompt_ids_equal'] else 'DIFFER':>11}"
             )
+        lp = v["logprobs"]
+        where = f" (prompt {lp['prompt']}, generated token {lp['token']})" if lp["prompt"] is not None else ""
+        lines.append(f"  logprobs: max |dlogprob| {lp['max_abs_diff']:.1e}{where}, tolerance {lp['tolerance']:.0e} for "
+                     f"{v['dtype']}: {'OK' if lp['ok'] else 'FAILED: the engines compute different functions'}")
     t = report["template"]
     source = "recorded at training time" if t["recorded_at_training"] else "built-in dialog (no shipyard_verify.json)"
     if t["ok"]:
@@ -304,5 +328,5 @@ def format_report(report: dict) -> str:
     else:
         lines.append(f"  template parity: FAILED ({source})")
         lines.extend(f"    - {p}" for p in t["problems"])
-    lines.append("OK: serves in vLLM with the same greedy tokens as transformers" if report["ok"] else "NOT OK")
+    lines.append("OK: serves in vLLM with the same greedy tokens and logprobs as transformers" if report["ok"] else "NOT OK")
     return "\n".join(lines)
