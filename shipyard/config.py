@@ -53,7 +53,10 @@ class ModelConfig(Section):
     )
     tokenizer: str | None = Field(None, description="Tokenizer hub id or directory; default: the model's own.")
     trust_remote_code: bool = Field(False, description="Allow modelling code shipped with the model (runs its Python).")
-    attn_implementation: str = Field("sdpa", description="Hugging Face attention backend: sdpa, eager, flash_attention_2…")
+    attn_implementation: str = Field(
+        "auto", description="Hugging Face attention backend (sdpa, eager, flash_attention_2, flex_attention...); auto: "
+        "sdpa unless the config declares a feature sdpa ignores (Gemma 2 soft-capping, attention sinks), then eager."
+    )
 
 
 class DataSource(Section):

@@ -19,6 +19,7 @@ from transformers import (
 
 from shipyard.config import ModelConfig
 from shipyard.data.chat import apply_template_defaults
+from shipyard.models.attention import choose_attention
 from shipyard.errors import ShipyardError, did_you_mean
 from shipyard.models.presets import PRESETS, preset_config
 
@@ -97,17 +98,19 @@ def load_model(cfg: ModelConfig, source: ModelSource, seed: int) -> PreTrainedMo
     """The model in fp32 on CPU; parallel/ moves, shards and casts it."""
     if source.kind == "preset":
         config = preset_config(source.name)
-        config._attn_implementation = cfg.attn_implementation
+        config._attn_implementation = choose_attention(config, cfg.attn_implementation)
         torch.manual_seed(seed)  # presets start from random weights: make them reproducible
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.name_or_path = source.name
         return model
     try:
+        path = str(source.local_dir or source.name)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            str(source.local_dir or source.name),
+            path,
             dtype=torch.float32,
             trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation=choose_attention(config, cfg.attn_implementation),
         )
     except ValueError as e:
         if "trust_remote_code" in str(e):

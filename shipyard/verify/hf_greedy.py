@@ -12,12 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from shipyard.models.attention import choose_attention
 
 
 def load_for_verify(directory: Path, adapter: Path | None = None, trust_remote_code: bool = False):
     """The model in fp32 (exact upcast of bf16 weights, so both engines compute at the same precision)."""
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                                 attn_implementation=choose_attention(config, "auto"))
     if adapter is not None:
         from peft import PeftModel
 
@@ -34,7 +38,8 @@ def render_prompt_ids(tokenizer, dialog: list[dict]) -> list[int]:
 @torch.no_grad()
 def greedy(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
     """(token ids, their log-probabilities) for `max_new_tokens` greedy steps, never stopping early."""
-    x = torch.tensor([prompt_ids])
+    device = next(model.parameters()).device
+    x = torch.tensor([prompt_ids], device=device)
     past = None
     tokens, logprobs = [], []
     for _ in range(max_new_tokens):
@@ -44,5 +49,5 @@ def greedy(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int]
         tokens.append(token)
         logprobs.append(float(logp[token]))
         past = out.past_key_values
-        x = torch.tensor([[token]])
+        x = torch.tensor([[token]], device=device)
     return tokens, logprobs
