@@ -6,11 +6,11 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from shipyard.errors import ShipyardError
+from shipyard.launch import claim_failure, launch, launched_by_shipyard
 
 EPILOG = """\
 examples:
@@ -33,21 +33,13 @@ def _split_recipe_and_overrides(items: list[str]) -> tuple[str | None, list[str]
     return None, items
 
 
-def relaunch_with_torchrun(command: str, nproc: int, rest: list[str]) -> int:
-    """Run `shipyard COMMAND REST` under torchrun with `nproc` processes on this node."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "shipyard", command, *rest]
-    print("launching:", " ".join(cmd[2:]), flush=True)
-    return subprocess.call(cmd)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from shipyard.config import load_recipe
 
     recipe_arg, overrides = _split_recipe_and_overrides(args.recipe_and_overrides)
     recipe = load_recipe(recipe_arg, overrides)  # validated here, before any process is spawned
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
-        return relaunch_with_torchrun("train", args.nproc_per_node, args.recipe_and_overrides)
+        return launch("train", args.nproc_per_node, args.recipe_and_overrides)
     from shipyard.parallel.dist import destroy
     from shipyard.train.loop import train  # heavy imports only after the recipe validated
 
@@ -140,7 +132,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_consolidate(args: argparse.Namespace) -> int:
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
         rest = [args.step_dir, args.out_dir] + (["--force"] if args.force else [])
-        return relaunch_with_torchrun("consolidate", args.nproc_per_node, rest)
+        return launch("consolidate", args.nproc_per_node, rest)
     from shipyard.export.export import export_checkpoint
     from shipyard.parallel.dist import destroy, init_distributed
 
@@ -197,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe_and_overrides", nargs="*", metavar="[RECIPE] [KEY=VALUE ...]",
                    help="a recipe file or shipped recipe name (default: quickstart), then dotted overrides")
     p.add_argument("--nproc-per-node", type=int, metavar="N",
-                   help="run N processes on this machine (spawns torchrun); FSDP2 shards the model over them")
+                   help="run N processes on this machine (as torchrun would); FSDP2 shards the model over them")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("config", help="inspect recipes")
@@ -307,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("shipyard").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Notes are said once: by the launching process, or by rank 0 under a plain torchrun.
+    quiet_rank = launched_by_shipyard() or int(os.environ.get("RANK", "0")) > 0
+    logging.getLogger("shipyard").setLevel(logging.DEBUG if verbose else logging.WARNING if quiet_rank else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not verbose:
         try:
@@ -326,11 +320,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ShipyardError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # In a multi-process run only the first failing rank reports, and through the launcher when there is one.
+        if claim_failure("error", str(e)) and not launched_by_shipyard():
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: its traceback once, from the rank where it happened first
+        if claim_failure("crash", f"{type(e).__name__}: {e}"):
+            raise
+        return 1  # a peer failed first; this rank's error (a closed connection) is only a consequence
 
 
 def entrypoint() -> None:

@@ -47,3 +47,12 @@ def test_every_bad_input_is_named_or_counted(tmp_path):
     assert_user_error(proc, f"data file '{tmp_path}' is a directory")
     proc = run_cli("train", "quickstart", "train.max_steps=true")
     assert_user_error(proc, "'train.max_steps': ", "expected a number, not the boolean true")
+
+
+@pytest.mark.distributed
+def test_an_error_in_a_multi_process_run_is_said_once(tmp_path):
+    """The data file goes missing after launch: one message, exit 2, no torchrun report, no peer tracebacks."""
+    proc = run_cli("train", "quickstart", f"data.train={tmp_path / 'gone.jsonl'}", "--nproc-per-node", "2")
+    assert_user_error(proc, f"data file '{tmp_path / 'gone.jsonl'}' does not exist")
+    assert proc.stderr.count("does not exist") == 1 and proc.stderr.count("data.train was replaced") == 1
+    assert "ChildFailedError" not in proc.stderr and "Connection closed" not in proc.stderr
