@@ -1,25 +1,70 @@
-"""Atomic filesystem steps: a reader sees the old content or the complete new one, never a half."""
+"""Atomic filesystem steps: a reader sees the old content or the complete new one, never a half.
+
+Each step has a fault-injection point (`crash_point`) so tests can kill the
+process exactly between its parts, as a power cut or an OOM kill would.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import signal
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def crash_point(name: str, step: int | None = None) -> None:
+    """Fault injection for tests: SHIPYARD_CRASH_AT=NAME (or NAME:STEP) kills this process here, as a crash would."""
+    wanted = os.environ.get("SHIPYARD_CRASH_AT")
+    if wanted and wanted in (name, f"{name}:{step}"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _old(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
 
 
 def publish(partial: Path, final: Path) -> None:
-    """Rename a finished directory into place; an existing one of the same name is replaced."""
+    """Rename a finished directory into place; an existing one of the same name is replaced.
+
+    Replacing takes two renames (final -> .final.old, partial -> final); `recover_publish` finishes a
+    replacement that a crash interrupted between them.
+    """
     if final.exists():
-        trash = final.with_name(f".{final.name}.old")
+        trash = _old(final)
         shutil.rmtree(trash, ignore_errors=True)
         final.rename(trash)
+        crash_point("publish_between_renames")
         partial.rename(final)
         shutil.rmtree(trash)
     else:
         partial.rename(final)
 
 
+def recover_publish(final: Path, partial: Path, complete) -> None:
+    """Finish or undo an interrupted `publish(partial, final)`; `complete(dir)` tells a finished directory.
+
+    The new directory wins when it is complete (the crash came after it was fully written); otherwise the
+    old one is put back. Either way no `.old` directory is left behind.
+    """
+    old = _old(final)
+    if not old.exists():
+        return
+    if final.exists():  # both renames happened; only the cleanup was lost
+        shutil.rmtree(old)
+    elif partial.exists() and complete(partial):
+        log.warning("completing an interrupted replacement of %s", final)
+        partial.rename(final)
+        shutil.rmtree(old)
+    else:
+        log.warning("restoring %s: its replacement was interrupted before it was complete", final)
+        old.rename(final)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
+    crash_point(f"before_replace:{path.name}")
     os.replace(tmp, path)

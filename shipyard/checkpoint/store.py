@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import signal
 import shutil
 import time
 from pathlib import Path
@@ -41,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from shipyard.errors import ShipyardError
-from shipyard.fsutil import publish, write_text_atomic
+from shipyard.fsutil import crash_point, publish, recover_publish, write_text_atomic
 from shipyard.checkpoint.weights import DirectoryWeights, dcp_load, dcp_save
 from shipyard.export.export import write_weight_files
 from shipyard.export.hf import (
@@ -111,15 +109,6 @@ def trained_state(model: torch.nn.Module, aliases: dict[str, str]) -> dict[str, 
 def model_state_for_save(model: torch.nn.Module, aliases: dict[str, str]) -> dict[str, torch.Tensor]:
     """The model's weights by HF name (sharded DTensors under FSDP), tied aliases dropped."""
     return {k: v for k, v in get_model_state_dict(model).items() if k not in aliases}
-
-
-def crash_point(name: str, step: int) -> None:
-    """Fault injection for tests: SHIPYARD_CRASH_AT=NAME:STEP kills this process there, as a crash would.
-
-    Points, in order: model_saved, optimizer_saved, metadata_written, renamed (before LATEST moves).
-    """
-    if os.environ.get("SHIPYARD_CRASH_AT") == f"{name}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_weights(partial: Path, model, aliases: dict, meta: ModelMeta, dist_info: DistInfo, consolidate: bool,
@@ -228,8 +217,25 @@ def prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old)
 
 
+def clean_interrupted_saves(root: Path) -> None:
+    """Before resuming: finish interrupted publishes, and delete what a crash left that nothing will resume from."""
+    for old in root.glob(".step_*.old"):
+        final = root / old.name[1:].removesuffix(".old")
+        recover_publish(final, root / f".{final.name}.partial", lambda d: (d / META).is_file())
+    partials = sorted(root.glob(".step_*.partial"))
+    if partials:
+        log.warning("removing incomplete checkpoint directories (a save was interrupted): %s",
+                    ", ".join(p.name for p in partials))
+        for partial in partials:
+            shutil.rmtree(partial)
+    for tmp in root.glob(".*.tmp"):
+        tmp.unlink()
+
+
 def find_resume_dir(root: Path, resume: str) -> Path | None:
     """The checkpoint to resume from per `train.resume` (auto | never | a step directory)."""
+    if root.is_dir():
+        clean_interrupted_saves(root)
     if resume == "never":
         return None
     if resume != "auto":
@@ -237,9 +243,6 @@ def find_resume_dir(root: Path, resume: str) -> Path | None:
         if not (path / META).is_file():
             raise ShipyardError(f"train.resume: '{resume}' is not a complete shipyard step directory (no {META})")
         return path
-    partials = sorted(p.name for p in root.glob(".step_*.partial"))
-    if partials:
-        log.warning("ignoring incomplete checkpoint directories (a save was interrupted): %s", ", ".join(partials))
     latest = root / LATEST
     if latest.is_file():
         candidate = root / latest.read_text().strip()

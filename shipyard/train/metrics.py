@@ -14,6 +14,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from shipyard.fsutil import write_text_atomic
+
 
 class MetricsLogger:
     def __init__(self, out_dir: Path, total_steps: int, start_step: int, log_every: int, enabled: bool = True):
@@ -154,4 +156,4 @@ def truncate_metrics(path: Path, keep_through_step: int) -> None:
     if not path.is_file():
         return
     rows = [r for r in read_metrics(path) if r["step"] <= keep_through_step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))  # a kill here keeps the old history

@@ -157,3 +157,31 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
     for key in ("final_train_loss", "tokens_per_second", "train_seconds", "steps", "final_checkpoint"):
         assert after[key] == before[key], key
     assert losses(straight) == losses(killed)
+
+
+def test_kills_during_metrics_rewrite_and_publish_leave_a_resumable_run(tmp_path):
+    """SIGKILL between the two renames of a checkpoint replacement, and while resume rewrites metrics.jsonl."""
+    common = ["checkpoint.every_steps=4", "eval.generate=false"]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    assert run_cli("train", "quickstart", *tiny_overrides(straight, steps=8), *common).returncode == 0
+    assert run_cli("train", "quickstart", *tiny_overrides(run, steps=8), *common).returncode == 0
+    ckpt = run / "checkpoints"
+
+    # Retrain steps 5..8 from step 4: saving step 8 again replaces the existing step_8; die between the renames.
+    again = [*tiny_overrides(run, steps=8), *common, f"train.resume={ckpt / 'step_4'}"]
+    proc = run_cli("train", "quickstart", *again, env={"SHIPYARD_CRASH_AT": "publish_between_renames"})
+    assert proc.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in ckpt.iterdir()) == [".step_8.old", ".step_8.partial", "LATEST", "step_4"]
+
+    # Resume: the interrupted replacement is completed; then die while metrics.jsonl is cut back to step 4.
+    ckpt_4_again = [*tiny_overrides(run, steps=8), *common, f"train.resume={ckpt / 'step_4'}"]
+    proc = run_cli("train", "quickstart", *ckpt_4_again, env={"SHIPYARD_CRASH_AT": "before_replace:metrics.jsonl"})
+    assert proc.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in ckpt.iterdir()) == ["LATEST", "step_4", "step_8"]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 9))
+
+    proc = run_cli("train", "quickstart", *ckpt_4_again)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert losses(run) == losses(straight)  # the full history, each step once
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in ckpt.iterdir()) == ["LATEST", "step_4", "step_8"]
