@@ -169,3 +169,17 @@ def test_adapter_and_merged_export_serve_in_vllm(lora_run, tmp_path):
     for report in (adapter_report, merged_report):
         assert report["ok"], report
         assert [r["matched_tokens"] for r in report["vllm"]["per_prompt"]] == [32] * len(report["prompts"])
+
+
+def test_moe_expert_weights_that_lora_cannot_reach_are_named():
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from shipyard.peft.setup import _summarise, unadaptable_weights
+
+    config = Qwen3MoeConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                            head_dim=64, intermediate_size=256, moe_intermediate_size=64, num_experts=4,
+                            num_experts_per_tok=2, vocab_size=512)
+    model = AutoModelForCausalLM.from_config(config)
+    names = unadaptable_weights(model, trainable=[])
+    assert _summarise(names) == "model.layers.*.mlp.experts.down_proj, model.layers.*.mlp.experts.gate_up_proj"
+    assert unadaptable_weights(model, trainable=["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]) == []

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import shutil
 from pathlib import Path
 
 from shipyard.config import Recipe
-from shipyard.export.hf import ModelMeta, tied_aliases, write_hf_metadata, write_weights
+from shipyard.export.hf import ModelMeta, clean_name, tied_aliases, write_hf_metadata, write_weights
 from shipyard.fsutil import publish
 from shipyard.parallel.dist import DistInfo, barrier
 from shipyard.peft.lora import apply_lora, peft_config_dict, resolve_trainable
+
+log = logging.getLogger(__name__)
 
 
 def setup_lora(model, recipe: Recipe, meta: ModelMeta, source, dist_info: DistInfo) -> dict:
@@ -30,10 +34,29 @@ def setup_lora(model, recipe: Recipe, meta: ModelMeta, source, dist_info: DistIn
     model_names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     targets = apply_lora(model, recipe.lora, recipe.seed)
     trainable = resolve_trainable(model, recipe.lora)
+    unadapted = unadaptable_weights(model, trainable)
+    if unadapted:
+        log.warning(
+            "lora: adapting %d linear layers (%s); %d weight tensors are not linear layers and cannot get adapters, "
+            "so they stay frozen: %s. To train them, name their modules in lora.trainable_modules (trained in full) "
+            "or fine-tune without LoRA.", len(targets), ", ".join(sorted({t.rsplit(".", 1)[-1] for t in targets})),
+            len(unadapted), _summarise(unadapted))
     return {
         "peft_config": peft_config_dict(recipe.lora, targets, trainable, base_name, model_names),
-        "lora_meta": {**recipe.lora.model_dump(mode="json"), "adapted_modules": targets, "trainable_modules": trainable},
+        "lora_meta": {**recipe.lora.model_dump(mode="json"), "adapted_modules": targets, "trainable_modules": trainable,
+                      "not_adapted": unadapted},
     }
+
+
+def unadaptable_weights(model, trainable: list[str]) -> list[str]:
+    """Matrices LoRA cannot reach: fused MoE expert weights (3-D parameters, one slice per expert) and the like."""
+    return [clean_name(n) for n, p in model.named_parameters()
+            if p.ndim >= 3 and not any(clean_name(n).startswith(t + ".") for t in trainable)]
+
+
+def _summarise(names: list[str]) -> str:
+    """`model.layers.*.mlp.experts.gate_up_proj` for names that differ only in their layer index."""
+    return ", ".join(sorted({re.sub(r"\.\d+\.", ".*.", n) for n in names}))
 
 
 def write_base_model(out_dir: Path, model, meta: ModelMeta) -> None:
