@@ -36,7 +36,7 @@ def main() -> None:
     layers = pipeline.validate(model, cfg)
     r = topo.pp_rank
     part = pipeline.build_stage(model, layers[r], r == 0, r == 1)
-    runner = pipeline.PipelineRunner([part], [r], 2, topo, cfg, dist_info.device, 2048, SEQ, pad_id=0)
+    runner = pipeline.PipelineRunner([part], [r], 2, topo, cfg, dist_info.device, 2048, SEQ, rows=8, pad_id=0)
 
     # 1. gradients of one step, normalised like training: by the batch's supervised tokens
     loss = runner.train_micro_batches([batch], 1.0 / supervised_tokens([batch]), dist_info.device)

@@ -1,4 +1,9 @@
-"""Pipeline parallelism on CPU (gloo): equal to one process, same names, clear refusals."""
+"""Pipeline parallelism on CPU (gloo): equal to one process (tied embeddings too), same names, clear refusals.
+
+Every run keeps a validation set whose size (21) is not a multiple of any micro-batch, and generates
+(eval.generate): the pipelined runs must give the single-process validation loss and exact match, and an
+export that loads in transformers with the same logits.
+"""
 
 import json
 import shutil
@@ -13,6 +18,7 @@ from torch import nn
 from shipyard.config import DataConfig, ModelConfig, ParallelConfig, load_recipe
 from shipyard.data.loader import collate
 from shipyard.errors import ShipyardError
+from shipyard.export.hf import tied_aliases
 from shipyard.models.load import load
 from shipyard.data.dataset import build_datasets
 from shipyard.parallel import pipeline
@@ -28,24 +34,46 @@ def overrides(out, preset, ranks_dp=1, *extra):
     return [
         f"output_dir={out}", f"model.path={preset}", f"train.max_steps={STEPS}", f"train.micro_batch_size={8 // ranks_dp}",
         "data.train={synthetic: reverse_words, num_records: 300, seed: 0}",
-        "data.validation={synthetic: reverse_words, num_records: 16, seed: 1}",
-        "optim.lr=1e-3", "optim.warmup_steps=2", "checkpoint.every_steps=5", "eval.generate=false", *extra,
+        "data.validation={synthetic: reverse_words, num_records: 21, seed: 1}",
+        "eval.batch_size=16", "eval.max_prompts=4", "eval.generate=true",
+        "optim.lr=1e-3", "optim.warmup_steps=2", "checkpoint.every_steps=5", *extra,
     ]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """Single-process runs of both tiny architectures."""
+    """Single-process runs of the tiny architectures: the quickstart's tied qwen3-tiny, and two untied ones."""
     root = tmp_path_factory.mktemp("pp")
-    for preset in ("qwen3-tiny-4l", "llama-tiny"):
+    for preset in ("qwen3-tiny", "qwen3-tiny-4l", "llama-tiny"):
         train(load_recipe("quickstart", overrides(root / preset, preset)))
     return root
 
 
-def run_pp(out, preset, nproc=2, *extra):
+def assert_same_run(reference_dir, run_dir):
+    """Per-step losses, validation loss, exact match and the exported model of `run_dir` equal one process's."""
+    assert_close_trajectory(losses(reference_dir), losses(run_dir), STEPS)
+    want, got = (json.loads((d / "summary.json").read_text())["eval"] for d in (reference_dir, run_dir))
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert (got["exact_match"], got["num_prompts"]) == (want["exact_match"], want["num_prompts"])
+    assert_same_export(reference_dir / "final", run_dir / "final")
+
+
+def assert_same_export(reference_dir, export_dir):
+    from transformers import AutoModelForCausalLM
+
+    names = [set(safe_open(d / "model.safetensors", "pt").keys()) for d in (reference_dir, export_dir)]
+    assert names[1] == names[0]  # tied: the embedding once, no lm_head.weight, as transformers writes it
+    want, got = (AutoModelForCausalLM.from_pretrained(d) for d in (reference_dir, export_dir))
+    assert got.config.tie_word_embeddings == want.config.tie_word_embeddings
+    ids = torch.arange(3, 43).reshape(2, 20)
+    with torch.no_grad():
+        assert torch.allclose(got(ids).logits, want(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def run_pp(out, preset, nproc=2, *extra, env=None, ok=True):
     proc = run_cli("train", "quickstart", *overrides(out, preset, nproc // 2, "parallel.pp=2", *extra),
-                   "--nproc-per-node", str(nproc))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+                   "--nproc-per-node", str(nproc), env=env)
+    assert (proc.returncode == 0) == ok, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
 
@@ -58,10 +86,39 @@ def pp_qwen3(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def pp_tied(tmp_path_factory):
+    """The quickstart model (tied embeddings) in 2 stages: the embedding on one, the LM head on the other."""
+    out = tmp_path_factory.mktemp("pp") / "pp_tied"
+    run_pp(out, "qwen3-tiny", 2)
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_pp2_1f1b_equals_one_process_qwen3(reference, pp_qwen3):
-    assert_close_trajectory(losses(reference / "qwen3-tiny-4l"), losses(pp_qwen3), STEPS)
+    assert_same_run(reference / "qwen3-tiny-4l", pp_qwen3)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pp2_tied_embeddings_equal_one_process(reference, pp_tied):
+    assert_same_run(reference / "qwen3-tiny", pp_tied)
+    info = json.loads((pp_tied / "checkpoints" / "step_10" / "shipyard" / "checkpoint.json").read_text())
+    assert info["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}  # resumable unpipelined too
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pp_resumes_after_a_kill(reference, pp_tied, tmp_path):
+    """Killed right after the step-5 checkpoint, run again: the uninterrupted run's numbers, tied weight in sync."""
+    out = tmp_path / "pp"
+    run_pp(out, "qwen3-tiny", 2, env={"SHIPYARD_CRASH_AT": "renamed:5"}, ok=False)
+    assert [p.name for p in (out / "checkpoints").glob("step_*")] == ["step_5"]
+    proc = run_pp(out, "qwen3-tiny", 2)
+    assert "resumed from" in proc.stdout
+    assert losses(out) == pytest.approx(losses(pp_tied), rel=1e-6)
+    assert_same_run(reference / "qwen3-tiny", out)
 
 
 @pytest.mark.slow
@@ -82,30 +139,37 @@ def test_other_schedules_equal_one_process(reference, tmp_path, schedule):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_pp2_times_dp2_equals_one_process(reference, tmp_path):
-    proc = run_pp(tmp_path / "pp", "qwen3-tiny-4l", 4)
+    """FSDP2 inside each stage, with the tied embedding's shards summed across the first and last stage."""
+    proc = run_pp(tmp_path / "pp", "qwen3-tiny", 4)
     assert "(pipeline 2 x data 2)" in proc.stdout
-    assert_close_trajectory(losses(reference / "qwen3-tiny-4l"), losses(tmp_path / "pp"), STEPS)
+    assert_same_run(reference / "qwen3-tiny", tmp_path / "pp")
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_gradients_and_mask_caching_per_stage(tmp_path):
+@pytest.mark.parametrize("preset", ["qwen3-tiny-4l", "qwen3-tiny"])
+def test_gradients_and_mask_caching_per_stage(tmp_path, preset):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(REPO / "tests" / "pipeline_worker.py"), "qwen3-tiny-4l", str(tmp_path)],
+         str(REPO / "tests" / "pipeline_worker.py"), preset, str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     # the same batch through the whole model in one process
-    model, tokenizer, _ = load(ModelConfig(path="qwen3-tiny-4l"), seed=0)
+    model, tokenizer, _ = load(ModelConfig(path=preset), seed=0)
     cfg = DataConfig(train=[{"synthetic": "reverse_words", "num_records": 8, "seed": 0}], max_length=48)
     batch = collate(build_datasets(cfg, tokenizer, seed=0).train, tokenizer.pad_token_id)
     n = supervised_tokens([batch])
     loss = LocalRunner(model, 2048, lambda: torch.autocast("cpu", enabled=False)).train_micro_batches([batch], 1.0 / n, "cpu")
     expected = {name: p.grad for name, p in model.named_parameters()}
 
-    got = {**torch.load(tmp_path / "grads_0.pt"), **torch.load(tmp_path / "grads_1.pt")}
-    assert set(got) == set(expected)  # every parameter, under its usual name, on exactly one stage
+    first, last = torch.load(tmp_path / "grads_0.pt"), torch.load(tmp_path / "grads_1.pt")
+    # every parameter under its usual name, on exactly one stage; a tied embedding on both, with the summed gradient
+    assert set(first) & set(last) == ({"model.embed_tokens.weight"} if preset == "qwen3-tiny" else set())
+    got = {**first, **last}
+    assert set(got) == set(expected)
+    for name in set(first) & set(last):
+        assert torch.equal(first[name], last[name]), name
     for name in expected:
         assert torch.allclose(got[name], expected[name], rtol=1e-5, atol=1e-7), name
     assert json.loads((tmp_path / "loss_1.json").read_text()) == pytest.approx(float(loss), rel=1e-6)
@@ -161,9 +225,24 @@ def test_pp_export_serves_in_vllm(pp_qwen3):
 # ------------------------------------------------------------------ validation
 
 
-def test_refuses_tied_weights_across_stages():
-    with pytest.raises(ShipyardError, match=r"ties weights across pipeline stages \(lm_head.weight = model.embed_tokens.weight\).*tie_word_embeddings=false"):
-        pipeline.validate(random_model("qwen3-tiny"), ParallelConfig(pp=2))
+def test_tied_embeddings_live_on_first_and_last_stage_only():
+    model = random_model("qwen3-tiny-4l")
+    model.lm_head.weight = model.model.embed_tokens.weight  # tie_word_embeddings, as a loaded model has it
+    assert pipeline.validate(model, ParallelConfig(pp=4)) == [[0], [1], [2], [3]]
+    for ids, first, last in (([0], True, False), ([3], False, True)):
+        stage = pipeline.build_stage(model, ids, first, last)
+        # both names of the one Parameter: the stage's state dict and tied aliases are the whole model's
+        assert tied_aliases(stage) == {"lm_head.weight": "model.embed_tokens.weight"}
+    middle = pipeline.build_stage(model, [1], False, False)
+    assert middle.model.embed_tokens is None and middle.lm_head is None
+
+
+def test_refuses_other_tied_weights_across_stages():
+    model = random_model("qwen3-tiny-4l")
+    model.model.layers[3].mlp.up_proj.weight = model.model.layers[0].mlp.up_proj.weight
+    tie = r"\(model.layers.3.mlp.up_proj.weight = model.layers.0.mlp.up_proj.weight\)"
+    with pytest.raises(ShipyardError, match=r"ties weights other than its input and output embeddings " + tie):
+        pipeline.validate(model, ParallelConfig(pp=2))
 
 
 def test_refuses_more_stages_than_layers():

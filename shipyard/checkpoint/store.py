@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -58,6 +59,10 @@ log = logging.getLogger(__name__)
 
 LATEST = "LATEST"
 META = Path("shipyard") / "checkpoint.json"
+# Optimizer state keyed by parameter name throughout, param-group settings included: nested param groups are
+# keyed by group index, and pipeline stages hold different parameters in same-numbered groups, of which DCP
+# keeps one rank's copy (the other stage then resumes with groups that lack lr, betas, ...).
+FLAT_OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def step_dir_name(step: int) -> str:
@@ -170,7 +175,7 @@ def save_checkpoint(
     aliases = tied_aliases(model)
     weights_dtype = _write_weights(partial, model, aliases, meta, dist_info, consolidate, adapter)
     crash_point("model_saved", step)
-    dcp_save(get_optimizer_state_dict(model, optimizer), partial / "shipyard" / "optimizer")
+    dcp_save(get_optimizer_state_dict(model, optimizer, options=FLAT_OPTIM), partial / "shipyard" / "optimizer")
     torch.save(_rng_state(), partial / "shipyard" / "rng" / f"rank_{dist_info.rank:05d}.pt")
     crash_point("optimizer_saved", step)
 
@@ -298,6 +303,15 @@ def _load_weights(step_dir: Path, model: torch.nn.Module, info: dict) -> None:
         raise ShipyardError(f"{step_dir}: weights missing for {sorted(missing)[:5]}")
 
 
+def _load_optimizer(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Restore optimizer state saved flat (by parameter name), or nested (checkpoints from before FLAT_OPTIM)."""
+    nested = "param_groups.0.params" in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    options = StateDictOptions() if nested else FLAT_OPTIM
+    state = get_optimizer_state_dict(model, optimizer, options=options)
+    dcp_load(state, path)
+    set_optimizer_state_dict(model, optimizer, state, options=options)
+
+
 def load_checkpoint(
     step_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dist_info: DistInfo,
     expected_fingerprint: dict | None = None,
@@ -309,9 +323,7 @@ def load_checkpoint(
     info = read_meta(step_dir)
     check_fingerprint(step_dir, expected_fingerprint or fingerprint(model), info)
     _load_weights(step_dir, model, info)
-    optim_state = get_optimizer_state_dict(model, optimizer)
-    dcp_load(optim_state, step_dir / "shipyard" / "optimizer")
-    set_optimizer_state_dict(model, optimizer, optim_state)
+    _load_optimizer(step_dir / "shipyard" / "optimizer", model, optimizer)
     rng_file = step_dir / "shipyard" / "rng" / f"rank_{dist_info.rank:05d}.pt"
     if info["world_size"] == dist_info.world_size and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=True))

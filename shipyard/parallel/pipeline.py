@@ -4,7 +4,10 @@ A stage is the model with the other stages' parts removed: its decoder layers
 live in a ModuleDict keyed by their original indices, so parameter names (and
 checkpoint keys, and HF safetensors keys) are exactly the unpipelined ones.
 Stage 0 owns the embeddings; the last stage owns the final norm, the LM head
-and the loss. Forwards are patched per instance, not forked: the inner model
+and the loss. Tied input/output embeddings are held by both (Megatron's
+embedding group): the two copies start equal, their gradients are summed
+after backward, so they take identical optimizer steps and stay one tensor.
+Forwards are patched per instance, not forked: the inner model
 takes token ids on stage 0 and hidden states elsewhere, and builds its causal
 mask and rotary embeddings once per stage when no padding mask is supplied
 (a padding mask can change every micro-batch, so then they are rebuilt).
@@ -17,13 +20,15 @@ import copy
 import types
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from shipyard.config import ParallelConfig
 from shipyard.data.chat import IGNORE_INDEX
 from shipyard.errors import ShipyardError
-from shipyard.export.hf import tied_aliases
+from shipyard.export.hf import clean_name, tied_aliases
 from shipyard.parallel.fsdp import decoder_layers
 from shipyard.parallel.topology import Topology
 from shipyard.train.loss import _logit_transform, chunked_cross_entropy
@@ -62,15 +67,30 @@ def validate(model: nn.Module, cfg: ParallelConfig) -> list[list[int]]:
             f"{name} has {n_layers} decoder layers, fewer than the {n_stages} pipeline stages asked for "
             f"(parallel.pp={cfg.pp}, schedule {cfg.pp_schedule}); use at most {n_layers} stages or {ALTERNATIVES}"
         )
-    tied = {alias: source for alias, source in tied_aliases(model).items()}
-    if tied:
-        pairs = ", ".join(f"{a} = {s}" for a, s in tied.items())
+    other_ties = _ties_besides_embeddings(model)
+    if other_ties:
+        pairs = ", ".join(f"{a} = {src}" for a, src in other_ties.items())
         raise ShipyardError(
-            f"{name} ties weights across pipeline stages ({pairs}): the first and last stages would need to "
-            "keep two copies in sync every step, which shipyard does not do. Untie them "
-            f"(config tie_word_embeddings=false, then fine-tune) or {ALTERNATIVES}"
+            f"{name} ties weights other than its input and output embeddings ({pairs}); only that tie is kept "
+            f"in sync across pipeline stages. Untie them or {ALTERNATIVES}"
         )
     return stage_layer_ids(n_layers, n_stages, cfg.pp_split)
+
+
+def ties_embeddings(model: nn.Module) -> bool:
+    """Whether the LM head is the input embedding's very Parameter (tie_word_embeddings, as loaded)."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embed is not None and head.weight is embed.weight
+
+
+def _ties_besides_embeddings(model: nn.Module) -> dict[str, str]:
+    """{alias: canonical} of shared parameters other than the input/output embedding tie."""
+    aliases = tied_aliases(model)
+    if not ties_embeddings(model):
+        return aliases
+    embedding = model.get_input_embeddings().weight
+    names = {clean_name(n) for n, p in model.named_parameters(remove_duplicate=False) if p is embedding}
+    return {alias: source for alias, source in aliases.items() if source not in names}
 
 
 def stage_layer_ids(n_layers: int, n_stages: int, split: list[int] | None) -> list[list[int]]:
@@ -102,18 +122,26 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
 
 
 def build_stage(model: nn.Module, layer_ids: list[int], first: bool, last: bool) -> nn.Module:
-    """A stage: a shallow copy of `model` holding only its parts; submodules are shared, not copied."""
+    """A stage: a shallow copy of `model` holding only its parts; submodules are shared, not copied.
+
+    With tied embeddings the first and last stages keep both the embedding and the LM head module:
+    they hold one Parameter, and keeping both names makes the stage's state dict (and checkpoint keys,
+    and tied aliases) exactly those of the whole model, so the weight is saved once, as HF expects.
+    """
     stage = _shallow_copy(model)
     inner = _shallow_copy(model.get_decoder())
     layers = decoder_layers(model)
     inner.layers = nn.ModuleDict({str(i): layers[i] for i in layer_ids})
-    if not first:
+    holds_tied = ties_embeddings(model) and (first or last)
+    if not first and not holds_tied:
         inner.embed_tokens = None
     if not last:
         inner.norm = None
-        stage.lm_head = None
+        if not holds_tied:
+            stage.lm_head = None
     stage.model = inner
     if not keeps_own_forward(model):
+        inner._pp_first = first  # not `embed_tokens is not None`: a tied last stage holds it too
         inner._pp_mask_cache = {}
         inner._pp_mask_builds = 0
         inner.forward = types.MethodType(_inner_stage_forward, inner)
@@ -127,7 +155,7 @@ def _causal_lm_stage_forward(self, x, attention_mask=None, position_ids=None):
 
 
 def _inner_stage_forward(self, x, attention_mask=None, position_ids=None):
-    hidden = self.embed_tokens(x) if self.embed_tokens is not None else x
+    hidden = self.embed_tokens(x) if self._pp_first else x
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # nothing is padded: the mask is the plain causal one, cacheable
     masks, position_ids, rotary = _masks_and_rotary(self, hidden, attention_mask, position_ids)
@@ -144,7 +172,7 @@ def _inner_stage_forward(self, x, attention_mask=None, position_ids=None):
 def _masks_and_rotary(inner, hidden, attention_mask, position_ids):
     """The stage's causal mask mapping and rotary embeddings, built once per stage when safe to reuse.
 
-    Without a padding mask and with default positions they depend only on (length, dtype, device):
+    Without a padding mask and with default positions they depend only on (rows, length, dtype, device):
     constant across micro-batches and steps, so non-first stages do not rebuild them for every
     micro-batch. With a padding mask (it can differ per batch) or explicit positions (packing)
     they are rebuilt for each call.
@@ -152,7 +180,7 @@ def _masks_and_rotary(inner, hidden, attention_mask, position_ids):
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     cacheable = attention_mask is None and position_ids is None
-    key = (hidden.shape[1], hidden.dtype, hidden.device)
+    key = (*hidden.shape[:2], hidden.dtype, hidden.device)
     if cacheable and key in inner._pp_mask_cache:
         return inner._pp_mask_cache[key]
     if position_ids is None:
@@ -173,14 +201,22 @@ def _masks_and_rotary(inner, hidden, attention_mask, position_ids):
 
 
 class PipelineRunner:
-    """This rank's stages and schedule; runs training and evaluation micro-batches through them."""
+    """This rank's stages and schedule; runs training and evaluation micro-batches through them.
+
+    Every batch goes through in the training shape, `rows` x `seq_len`: stages infer the activation
+    shapes they exchange on the first step and keep them, so evaluation batches are filled up to it.
+    """
 
     def __init__(self, parts: list[nn.Module], stage_ids: list[int], n_stages: int, topo: Topology,
-                 cfg: ParallelConfig, device: torch.device, chunk_size: int, seq_len: int, pad_id: int):
+                 cfg: ParallelConfig, device: torch.device, chunk_size: int, seq_len: int, rows: int, pad_id: int):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
         self.parts, self.topo, self.chunk_size, self.seq_len, self.pad_id = parts, topo, chunk_size, seq_len, pad_id
-        self.n_micro = cfg.pp_microbatches
+        self.rows, self.n_micro = rows, cfg.pp_microbatches
+        if rows % self.n_micro:
+            raise ShipyardError(
+                f"train.micro_batch_size ({rows}) must be a multiple of parallel.pp_microbatches ({self.n_micro})"
+            )
         self.scale = 1.0
         self.loss_sum = torch.zeros((), device=device)
         self.has_last = any(s == n_stages - 1 for s in stage_ids)
@@ -191,6 +227,9 @@ class PipelineRunner:
         head = next((p.get_output_embeddings() for p, s in zip(parts, stage_ids) if s == n_stages - 1), None)
         self._head = head
         self._transform = _logit_transform(parts[-1].config)
+        self._tied = next((p.get_input_embeddings().weight for p in parts if ties_embeddings(p)), None)
+        # The gradient norm counts the tied weight once, on the first stage; the last stage's copy is the same.
+        self.held_elsewhere = frozenset({id(self._tied)} if self._tied is not None and not self.has_first else ())
         kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}[cfg.pp_schedule]
         stages = self.stages if kind is ScheduleInterleaved1F1B else self.stages[0]
         # Losses are sums scaled by 1 / (global supervised tokens): no extra averaging over micro-batches.
@@ -204,20 +243,15 @@ class PipelineRunner:
         summed = chunked_cross_entropy(h, self._head.weight, t, self.chunk_size, self._head.bias, scale, softcap)
         return summed * self.scale
 
-    def _pad(self, batch: dict[str, torch.Tensor], train: bool) -> dict[str, torch.Tensor]:
-        """Every micro-batch gets the same length: pipeline stages exchange fixed-shape activations.
-
-        Evaluation batches also get filler rows up to a multiple of the pipeline micro-batch count
-        (attending normally, supervising nothing); training batches must divide evenly.
-        """
+    def _pad(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`batch` in the training shape: padded to `seq_len`, and filler rows (attending normally,
+        supervising nothing) up to `rows`."""
         rows, length = batch["input_ids"].shape
         if length > self.seq_len:
             raise ShipyardError(f"a batch is longer ({length}) than data.max_length ({self.seq_len})")
-        fill = -rows % self.n_micro
-        if fill and train:
-            raise ShipyardError(
-                f"train.micro_batch_size ({rows}) must be a multiple of parallel.pp_microbatches ({self.n_micro})"
-            )
+        if rows > self.rows:
+            raise ShipyardError(f"a batch has {rows} rows, more than train.micro_batch_size ({self.rows})")
+        fill = self.rows - rows
         pad = (0, self.seq_len - length, 0, fill)
         return {
             "input_ids": F.pad(batch["input_ids"], pad, value=self.pad_id),
@@ -226,7 +260,7 @@ class PipelineRunner:
         }
 
     def _run(self, batch: dict[str, torch.Tensor], device, train: bool) -> None:
-        batch = {k: v.to(device) for k, v in self._pad(batch, train).items()}
+        batch = {k: v.to(device) for k, v in self._pad(batch).items()}
         args = (batch["input_ids"],) if self.has_first else ()
         run = self.schedule.step if train else self.schedule.eval
         # The schedule reports each micro-batch's loss; on the first step a stage also runs a shape-inference
@@ -236,16 +270,32 @@ class PipelineRunner:
         if self.has_last:
             self.loss_sum += sum(loss.detach() for loss in losses) / self.scale
 
+    def _sum_tied_grad(self) -> None:
+        """Sum the tied embedding's gradient over the first and last stage of this replica.
+
+        Each stage saw one use of the weight (the lookup on the first, the LM head on the last); their sum is
+        the whole model's gradient, so both copies take the same optimizer step. Under FSDP both stages shard
+        the weight alike, so the local shards add up element for element.
+        """
+        if self._tied is None or not self._tied.requires_grad:
+            return
+        if self._tied.grad is None:
+            self._tied.grad = torch.zeros_like(self._tied)
+        grad = self._tied.grad
+        dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=self.topo.embed_group)
+
     def train_micro_batches(self, micro_batches, scale: float, device) -> torch.Tensor:
         """Forward and backward of this step's micro-batches; returns this rank's loss sum (0 off the last stage)."""
         self.scale = scale
         self.loss_sum = torch.zeros((), device=device)
         for mb in micro_batches:
             self._run(mb, device, train=True)
+        self._sum_tied_grad()
         return self.loss_sum
 
     @torch.no_grad()
     def eval_batches(self, batches, device) -> torch.Tensor:
+        """Summed token loss of `batches` (at most `rows` rows each); 0 off the last stage."""
         self.scale = 1.0
         self.loss_sum = torch.zeros((), device=device)
         for part in self.parts:

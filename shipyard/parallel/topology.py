@@ -4,6 +4,8 @@ Ranks form a (pp, dp) grid, pipeline outermost: rank = pp_rank * dp_size + dp_ra
 Ranks with the same dp_rank form one pipeline and see the same data; ranks with
 the same pp_rank hold the same stage and average gradients (FSDP2/HSDP over
 `fsdp_mesh`). Everything that reduces over "the data" uses `dp_group`.
+The first and last stage of one pipeline form its `embed_group` (Megatron's
+embedding group), which sums the gradient of tied input/output embeddings.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Topology:
     dp_size: int = 1
     dp_group: object = None  # None: the default group when pp_size == 1, or no group at all
     pp_group: object = None
+    embed_group: object = None  # this pipeline's first and last stage ranks; None on middle stages
     fsdp_mesh: DeviceMesh | None = None
 
     @property
@@ -64,7 +67,18 @@ def build_topology(cfg: ParallelConfig, dist_info: DistInfo, use_fsdp: bool) -> 
             group = dist.new_group([p * dp + d for p in range(pp)])
             if d == topo.dp_rank:
                 topo.pp_group = group
+        topo.embed_group = _embed_group(topo) if pp > 2 else topo.pp_group
     return _with_mesh(topo, dist_info, cfg, shard) if use_fsdp else topo
+
+
+def _embed_group(topo: Topology):
+    """The group of each pipeline's first and last stage ranks (every rank creates all, in order)."""
+    mine = None
+    for d in range(topo.dp_size):
+        group = dist.new_group([d, (topo.pp_size - 1) * topo.dp_size + d])
+        if d == topo.dp_rank and (topo.first_stage or topo.last_stage):
+            mine = group
+    return mine
 
 
 def _with_mesh(topo: Topology, dist_info: DistInfo, cfg: ParallelConfig, shard: int) -> Topology:

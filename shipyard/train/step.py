@@ -21,6 +21,8 @@ from shipyard.train.loss import causal_lm_loss
 
 
 class LocalRunner:
+    held_elsewhere: frozenset[int] = frozenset()  # ids of parameters whose gradient another pipeline stage counts
+
     def __init__(self, model: torch.nn.Module, chunk_size: int, autocast):
         self.model, self.chunk_size, self.autocast = model, chunk_size, autocast
 
@@ -51,9 +53,14 @@ def supervised_tokens(batches) -> int:
     return sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
 
 
-def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float, pp_group=None) -> float:
-    """Clip by the norm over all parameters of the model, including those on other pipeline stages."""
-    grads = [p.grad for p in parameters if p.grad is not None]
+def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float, pp_group=None,
+                   held_elsewhere: frozenset[int] = frozenset()) -> float:
+    """Clip by the norm over all parameters of the model, including those on other pipeline stages.
+
+    A weight tied across stages (embeddings) has the same gradient on two stages: `held_elsewhere` names the
+    copies (by id) that another stage counts; they are left out of the norm but clipped like the rest.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None and id(p) not in held_elsewhere]
     norm = torch.nn.utils.get_total_norm(grads)
     if isinstance(norm, DTensor):  # FSDP: the norm over this stage's shards, across the data-parallel group
         norm = norm.full_tensor()
@@ -73,7 +80,7 @@ def train_step(runner, parameters, micro_batches, optimizer, scheduler, max_grad
     loss_sum = runner.train_micro_batches(micro_batches, scale, device)
     metrics = {}
     if max_grad_norm is not None:
-        metrics["train/grad_norm"] = clip_grad_norm(parameters, max_grad_norm, topo.pp_group)
+        metrics["train/grad_norm"] = clip_grad_norm(parameters, max_grad_norm, topo.pp_group, runner.held_elsewhere)
     metrics["train/lr"] = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
