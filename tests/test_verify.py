@@ -113,3 +113,22 @@ def test_training_from_a_sharded_bf16_base_exports_like_the_base(tmp_path):
     # the step directory keeps the fp32 training weights, for exact resume
     with safe_open(out / "checkpoints" / "step_3" / "model.safetensors", "pt") as f:
         assert {f.get_slice(n).get_dtype() for n in f.keys()} == {"F32"}
+
+
+def test_an_edited_config_differs_from_the_trained_model(trained, tmp_path, monkeypatch, capsys):
+    """transformers and vLLM would agree on the edited config; the recorded training answers do not."""
+    probe = read_probe(trained)
+    assert probe["reference"]["dtype"] == "float32" and len(probe["reference"]["token_ids"]) == len(probe["prompts"])
+    monkeypatch.setattr(verify_run, "vllm_available", lambda: False)
+    assert cli.main(["verify", str(trained), "--allow-missing-vllm", "--max-new-tokens", "8"]) == 0
+    assert "vs the trained model (float32, recorded at training time)" in capsys.readouterr().out
+
+    import shutil
+
+    edited = shutil.copytree(trained, tmp_path / "edited")
+    config = json.loads((edited / "config.json").read_text())
+    edit_json(edited / "config.json", rms_norm_eps=0.5)
+    assert cli.main(["verify", str(edited), "--allow-missing-vllm", "--max-new-tokens", "8", "--json"]) == 1
+    ref = json.loads(capsys.readouterr().out)["training_reference"]
+    assert config["rms_norm_eps"] != 0.5 and not ref["ok"]
+    assert ref["first_mismatch"] is not None or ref["max_abs_diff"] > ref["tolerance"], ref

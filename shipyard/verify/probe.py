@@ -92,6 +92,27 @@ def make_probe(tokenizer: PreTrainedTokenizerBase, validation: list[Record], tra
     }
 
 
+REFERENCE_TOKENS = 32
+
+
+def add_reference(probe: dict, model, tokenizer: PreTrainedTokenizerBase, dtype: str) -> None:
+    """Record the trained model's own greedy tokens and logprobs for the probe prompts.
+
+    `verify` compares DIR's transformers answers with these: a directory whose config or weights were
+    edited after training (a removed soft-cap, another rope scaling) then fails even though transformers
+    and vLLM, both reading the edited config, agree with each other.
+    """
+    from shipyard.verify.hf_greedy import greedy, render_prompt_ids
+
+    was_training = model.training
+    model.eval()
+    try:
+        runs = [greedy(model, render_prompt_ids(tokenizer, p), REFERENCE_TOKENS) for p in probe["prompts"]]
+    finally:
+        model.train(was_training)
+    probe["reference"] = {"dtype": dtype, "token_ids": [t for t, _ in runs], "logprobs": [lp for _, lp in runs]}
+
+
 def write_probe(out_dir: Path, probe: dict) -> None:
     (out_dir / PROBE_FILE).write_text(json.dumps(probe, indent=1) + "\n")
 

@@ -222,6 +222,7 @@ def prepare(directory: Path, *, max_new_tokens: int, trust_remote_code: bool) ->
                          "token_ids": [t for t, _ in hf]},
         "kind": "adapter" if adapter else "model",
         "template": template_parity(tokenizer, probe, eos_ids_of(model_dir, tokenizer)),
+        "training_reference": reference_check(hf, (probe or {}).get("reference")),
     }
     job = {"model": str(model_dir), "tokenizer": str(directory), "dialogs": dialogs, "max_new_tokens": max_new_tokens,
            "trust_remote_code": trust_remote_code, "max_model_len": model_len_for(model, prompt_ids, max_new_tokens)}
@@ -238,6 +239,24 @@ def logprob_check(rows: list[dict], dtype: str, tolerance: float | None) -> dict
                 if r["max_abs_logprob_diff"] is not None]
     diff, prompt, token = max(measured) if measured else (0.0, None, None)
     return {"max_abs_diff": diff, "prompt": prompt, "token": token, "tolerance": tol, "ok": diff <= tol}
+
+
+def reference_check(hf: list[tuple[list[int], list[float]]], reference: dict | None) -> dict | None:
+    """DIR in transformers vs the trained model's own greedy answers recorded at training time."""
+    if not reference:
+        return None
+    tol = LOGPROB_TOLERANCE["float32"] if reference["dtype"] == "float32" else LOGPROB_TOLERANCE["bfloat16"]
+    worst = {"max_abs_diff": 0.0, "prompt": None, "token": None, "first_mismatch": None}
+    for i, ((tokens, logprobs), ref_tokens, ref_logprobs) in enumerate(zip(hf, reference["token_ids"], reference["logprobs"])):
+        n = min(len(tokens), len(ref_tokens))
+        diff = first_difference(tokens[:n], ref_tokens[:n])
+        if diff is not None and worst["first_mismatch"] is None:
+            worst["first_mismatch"] = {"prompt": i, "token": diff}
+        for t in range(n if diff is None else diff):
+            if abs(logprobs[t] - ref_logprobs[t]) > worst["max_abs_diff"]:
+                worst.update(max_abs_diff=abs(logprobs[t] - ref_logprobs[t]), prompt=i, token=t)
+    return {**worst, "tolerance": tol, "dtype": reference["dtype"],
+            "ok": worst["first_mismatch"] is None and worst["max_abs_diff"] <= tol}
 
 
 def finish(prep: Prepared, vllm_version: str | None, result: dict | None, allow_missing_vllm: bool,
@@ -273,7 +292,8 @@ def finish(prep: Prepared, vllm_version: str | None, result: dict | None, allow_
     report["vllm"] = vllm_report
     agrees = vllm_report.get("greedy_match", False) and vllm_report.get("logprobs", {}).get("ok", False)
     vllm_ok = agrees if result is not None else allow_missing_vllm
-    report["ok"] = bool(report["template_parity"] and vllm_ok)
+    reference_ok = report["training_reference"] is None or report["training_reference"]["ok"]
+    report["ok"] = bool(report["template_parity"] and vllm_ok and reference_ok)
     return report
 
 
@@ -320,6 +340,19 @@ def format_report(report: dict) -> str:
         where = f" (prompt {lp['prompt']}, generated token {lp['token']})" if lp["prompt"] is not None else ""
         lines.append(f"  logprobs: max |dlogprob| {lp['max_abs_diff']:.1e}{where}, tolerance {lp['tolerance']:.0e} for "
                      f"{v['dtype']}: {'OK' if lp['ok'] else 'FAILED: the engines compute different functions'}")
+    ref = report.get("training_reference")
+    if ref is not None:
+        if ref["first_mismatch"] is not None:
+            m = ref["first_mismatch"]
+            verdict = (f"FAILED: greedy token {m['token']} of prompt {m['prompt']} differs from the trained model's: "
+                       "DIR computes a different function than the one trained (edited config or weights?)")
+        elif not ref["ok"]:
+            verdict = (f"FAILED at prompt {ref['prompt']}, generated token {ref['token']}: DIR computes a different "
+                       "function than the one trained (edited config or weights?)")
+        else:
+            verdict = "OK"
+        lines.append(f"  vs the trained model ({ref['dtype']}, recorded at training time): max |dlogprob| "
+                     f"{ref['max_abs_diff']:.1e}, tolerance {ref['tolerance']:.0e}: {verdict}")
     t = report["template"]
     source = "recorded at training time" if t["recorded_at_training"] else "built-in dialog (no shipyard_verify.json)"
     if t["ok"]:
