@@ -63,6 +63,14 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     )
 
 
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A mistake the user can fix: exit 2, each fragment in stderr, no traceback."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, proc.stderr
+
+
 def losses(out_dir: Path) -> list[float]:
     """The per-step training losses a run logged to metrics.jsonl."""
     return [json.loads(line)["train/loss"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]

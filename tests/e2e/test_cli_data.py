@@ -4,18 +4,11 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import assert_user_error, run_cli
 
 pytestmark = pytest.mark.slow
 
 GOOD = {"messages": [{"role": "user", "content": "reverse: red fox"}, {"role": "assistant", "content": "fox red"}]}
-
-
-def assert_user_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    for fragment in fragments:
-        assert fragment in proc.stderr, proc.stderr
 
 
 def test_every_bad_input_is_named_or_counted(tmp_path):

@@ -8,18 +8,11 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, losses, run_cli, tiny_overrides
+from tests.conftest import REPO, assert_user_error, losses, run_cli, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
 GOOD = {"messages": [{"role": "user", "content": "reverse: red fox"}, {"role": "assistant", "content": "fox red"}]}
-
-
-def assert_user_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    for fragment in fragments:
-        assert fragment in proc.stderr, proc.stderr
 
 
 def test_train_tiny_run_writes_everything(tmp_path):
