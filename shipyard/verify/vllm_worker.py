@@ -55,6 +55,16 @@ def engine_kwargs(job: dict) -> dict:
     return kwargs
 
 
+def cannot_serve(job: dict) -> str | None:
+    """Why this vLLM build cannot serve the job at all (it would fail obscurely inside a kernel), or None."""
+    from vllm.platforms import current_platform
+
+    if job.get("lora") and job.get("moe") and current_platform.is_cpu():
+        return ("vLLM's CPU build has no LoRA kernels for MoE layers (with enable_lora it always picks the "
+                "Triton MoE-LoRA kernel, which needs a GPU), even when the adapter leaves the experts alone")
+    return None
+
+
 def run_job(job: dict) -> dict:
     from vllm import LLM, SamplingParams
 
@@ -92,6 +102,9 @@ def main() -> int:
 
     results = []
     for job in jobs:
+        if reason := cannot_serve(job):
+            results.append({"ok": False, "cannot_serve": reason, "error": f"this vLLM build cannot serve it: {reason}"})
+            continue
         try:
             results.append({"ok": True, **run_job(job)})
         except Exception as e:  # reported to the parent, which names the job and shows the reason
