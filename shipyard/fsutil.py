@@ -32,9 +32,9 @@ def publish(partial: Path, final: Path) -> None:
     Replacing takes two renames (final -> .final.old, partial -> final); `recover_publish` finishes a
     replacement that a crash interrupted between them.
     """
+    trash = _old(final)
+    shutil.rmtree(trash, ignore_errors=True)  # left by an earlier interrupted replacement: superseded now
     if final.exists():
-        trash = _old(final)
-        shutil.rmtree(trash, ignore_errors=True)
         final.rename(trash)
         crash_point("publish_between_renames")
         partial.rename(final)
