@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -58,6 +59,7 @@ def launch(command: str, nproc: int, rest: list[str]) -> int:
             p.send_signal(signal.SIGINT)
         codes = [p.wait() for p in procs]
     failure = read_failure(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
     if failure and failure["kind"] == "error":
         print(f"error: {failure['message']}", file=sys.stderr)
         return 2
