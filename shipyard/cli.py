@@ -43,10 +43,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from shipyard.parallel.dist import destroy
     from shipyard.train.loop import train  # heavy imports only after the recipe validated
 
-    try:
-        summary = train(recipe).summary
-    finally:
-        destroy()
+    # No `finally`: tearing the process group down before main() reports a failure would close the peers'
+    # connections first, and a peer's "Connection closed" would be reported instead of the cause.
+    summary = train(recipe).summary
+    destroy()
     if int(os.environ.get("RANK", "0")) == 0:
         _print_train_report(recipe, summary)
     return 0
@@ -137,10 +137,8 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     from shipyard.parallel.dist import destroy, init_distributed
 
     dist_info = init_distributed("cpu")
-    try:
-        result = export_checkpoint(Path(args.step_dir), Path(args.out_dir), force=args.force, dist_info=dist_info)
-    finally:
-        destroy()
+    result = export_checkpoint(Path(args.step_dir), Path(args.out_dir), force=args.force, dist_info=dist_info)
+    destroy()  # not in a `finally`: see cmd_train
     if dist_info.is_main:
         print(f"consolidated {args.step_dir} -> {result.out_dir} ({len(result.files)} weight file(s), "
               f"{result.dtype}, written by {dist_info.world_size} process(es))")

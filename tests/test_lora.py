@@ -183,3 +183,16 @@ def test_moe_expert_weights_that_lora_cannot_reach_are_named():
     names = unadaptable_weights(model, trainable=[])
     assert _summarise(names) == "model.layers.*.mlp.experts.down_proj, model.layers.*.mlp.experts.gate_up_proj"
     assert unadaptable_weights(model, trainable=["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]) == []
+
+
+def test_lora_on_a_preset_writes_its_base_and_the_adapter_loads(tmp_path):
+    """A preset has no directory for base_model_name_or_path: the run writes one, and PEFT loads the pair."""
+    out = tmp_path / "preset_lora"
+    result = train(load_recipe("quickstart", lora_overrides(out, "qwen3-tiny", 2, "eval.generate=false")))
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((out / "base_model").resolve())
+    base = AutoModelForCausalLM.from_pretrained(out / "base_model")
+    peft = PeftModel.from_pretrained(base, out / "final").eval()
+    with torch.no_grad():
+        expected = result.model.eval()(IDS).logits
+        assert torch.allclose(peft(IDS).logits, expected, atol=1e-5)

@@ -62,6 +62,7 @@ def _summarise(names: list[str]) -> str:
 def write_base_model(out_dir: Path, model, meta: ModelMeta) -> None:
     partial = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     aliases = tied_aliases(model)
     dtype = write_weights(partial, {k: v for k, v in model.state_dict().items() if k not in aliases}, meta.layout)
     write_hf_metadata(partial, meta, dtype)
