@@ -291,3 +291,13 @@ def test_stage_keeps_original_names():
     first = pipeline.build_stage(model, [0, 1], first=True, last=False)
     assert "model.embed_tokens.weight" in dict(first.named_parameters()) and first.lm_head is None
     assert len(model.model.layers) == 4 and model.lm_head is not None  # the original is untouched
+
+
+def test_pp2_lora_on_tied_preset_equals_one_process(tmp_path):
+    """A LoRA recipe pipelined: the adapters train as in one process, and the adapter directory is written."""
+    lora = ["lora={r: 8, alpha: 16}", "eval.generate=false"]
+    one, pp = tmp_path / "one", tmp_path / "pp"
+    train(load_recipe("quickstart", overrides(one, "qwen3-tiny", 1, *lora)))
+    run_pp(pp, "qwen3-tiny", 2, *lora)
+    assert_close_trajectory(losses(one), losses(pp), STEPS)
+    assert json.loads((pp / "final" / "adapter_config.json").read_text())["peft_type"] == "LORA"
