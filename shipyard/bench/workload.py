@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen3Config
 
 from shipyard.data.chat import Sample, tokenize_dialog
-from shipyard.data.sources import Record
+from shipyard.data.messages import Record
 from shipyard.data.synthetic import word_task_record
 from shipyard.models.presets import PRESETS, preset_config
 

@@ -216,14 +216,16 @@ def _check_tool_results(tokenizer, record: Record, kwargs: dict) -> None:
             )
 
 
-def render_turn(tokenizer, record: Record, i: int, kwargs: dict, stops: list[str]) -> tuple[str, str]:
-    """(serving prompt, completion) of assistant turn i; raises TurnSkipped or RecordError."""
+def render_turn(tokenizer, record: Record, i: int, kwargs: dict, stops: list[str], markers: bool) -> tuple[str, str]:
+    """(serving prompt, completion) of assistant turn i; raises TurnSkipped or RecordError.
+
+    `markers`: the template has `{% generation %}` markers (`has_generation_markers`)."""
     message = record.messages[i]
     if _is_empty(message):
         raise TurnSkipped("empty_answer")
     prompt = render_text(tokenizer, record.messages[:i], add_generation_prompt=True, tools=record.tools, kwargs=kwargs)
     rendered, spans = render(tokenizer, record.messages[: i + 1], tools=record.tools, kwargs=kwargs,
-                             with_spans=has_generation_markers(tokenizer))
+                             with_spans=markers)
     if not rendered.startswith(prompt):
         raise TurnSkipped("not_servable")
     _check_rendered(tokenizer, record, i, rendered, kwargs)
@@ -259,6 +261,7 @@ def tokenize_record(tokenizer: PreTrainedTokenizerBase, record: Record, multi_tu
         raise ValueError(f"multi_turn must be one of {MULTI_TURN_MODES}")
     kwargs = record.template_kwargs
     stops = tokenizer.convert_ids_to_tokens(stop_ids if stop_ids is not None else eos_token_ids(tokenizer))
+    markers = has_generation_markers(tokenizer)
     counts: Counter = Counter()
     turns: list[tuple[int, list[int], list[int]]] = []
     try:
@@ -267,7 +270,7 @@ def tokenize_record(tokenizer: PreTrainedTokenizerBase, record: Record, multi_tu
             if message["role"] != "assistant":
                 continue
             try:
-                prompt, completion = render_turn(tokenizer, record, i, kwargs, stops)
+                prompt, completion = render_turn(tokenizer, record, i, kwargs, stops, markers)
             except TurnSkipped as skip:
                 counts[skip.reason] += 1
                 continue

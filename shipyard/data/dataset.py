@@ -16,8 +16,8 @@ from transformers import PreTrainedTokenizerBase
 
 from shipyard.config import DataConfig
 from shipyard.data.chat import IGNORE_INDEX, Sample, tokenize_record
-from shipyard.data.messages import RecordError
-from shipyard.data.sources import Record, SkipCounter, handle_bad_record, read_sources
+from shipyard.data.messages import Record, RecordError
+from shipyard.data.sources import SkipCounter, handle_bad_record, read_sources
 from shipyard.errors import ShipyardError
 
 log = logging.getLogger(__name__)

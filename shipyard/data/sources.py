@@ -17,8 +17,6 @@ from shipyard.data import synthetic
 from shipyard.data.messages import Record, RecordError, normalise_record
 from shipyard.errors import ShipyardError
 
-__all__ = ["Record", "SkipCounter", "read_source", "read_sources"]
-
 SKIP_HINT = "set data.on_error=skip to count and skip such records"
 
 

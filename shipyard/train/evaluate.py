@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from shipyard.config import EvalConfig
 from shipyard.data.chat import prompt_and_reference, render_text
-from shipyard.data.sources import Record
+from shipyard.data.messages import Record
 from shipyard.parallel.dist import DistInfo
 
 
