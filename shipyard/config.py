@@ -57,13 +57,20 @@ class ModelConfig(Section):
         "auto", description="Hugging Face attention backend (sdpa, eager, flash_attention_2, flex_attention...); auto: "
         "sdpa unless the config declares a feature sdpa ignores (Gemma 2 soft-capping, attention sinks), then eager."
     )
+    freeze: list[str] = Field(
+        default_factory=list, description="Parts left untrained (no gradients, no optimizer state, bit-identical "
+        "after training): vision_tower, projector, language_model, embeddings, or parameter-name globs "
+        "(model.visual.blocks.0.*)."
+    )
 
 
 class DataSource(Section):
     """One dataset: a JSONL file / `datasets`-readable file, or a built-in synthetic task."""
 
     path: str | None = Field(None, description="JSONL file (or .json/.parquet/.csv read through `datasets`).")
-    synthetic: Literal["reverse_words", "sort_words"] | None = Field(None, description="Built-in generated task.")
+    synthetic: Literal["reverse_words", "sort_words", "shapes"] | None = Field(
+        None, description="Built-in generated task (shapes: questions about coloured shapes in 64x64 images)."
+    )
     num_records: int = Field(10_000, gt=0, description="Records to generate (synthetic only).")
     seed: int = Field(0, description="Generator seed (synthetic only).")
 
@@ -97,6 +104,17 @@ class DataConfig(Section):
         "written into the exported template as its defaults so vLLM's default request renders like training. "
         "A record's own chat_template_kwargs override them."
     )
+    image_root: str | None = Field(None, description="Folder relative image paths are read from; default: each "
+                                   "data file's own folder.")
+    min_pixels: int | None = Field(None, gt=0, description="Images smaller than this many pixels are upscaled "
+                                   "(Qwen-VL-style processors); default: the processor's own. Written into the export.")
+    max_pixels: int | None = Field(None, gt=0, description="Images larger than this many pixels are downscaled "
+                                   "before tokenizing (tokens per image grow with pixels); default: the processor's "
+                                   "own. Written into the export, so vLLM makes as many image tokens as training.")
+    max_image_pixels: int | None = Field(None, gt=0, description="Refuse images above this many pixels (a resize "
+                                         "to max_pixels would destroy them); default: 16 x max_pixels.")
+    drop_images: bool = Field(False, description="Train on the text alone, image parts removed: the baseline that "
+                              "shows how much the images matter.")
     packing: bool | Literal["auto"] = Field(
         "auto", description="Pack each micro-batch's samples into rows of max_length with per-document attention; "
         "auto: on with varlen attention (flash_attention_2/3, flex_attention) when a start-up check shows the "

@@ -220,7 +220,7 @@ def test_records_keep_every_field_the_template_reads():
     ({"role": "user", "content": None}, r"messages\[0\].content is null"),
     ({"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]},
      r"messages\[0\].tool_calls\[0\].function.arguments is a string but not valid JSON"),
-    ({"role": "assistant", "content": [{"type": "image", "image": "x.png"}]}, r"content\[0\] is an image part"),
+    ({"role": "assistant", "content": [{"type": "image", "image": "x.png"}]}, r"content\[0\] is an image in an assistant turn"),
     ({"role": "user", "content": "q", "reasoning_content": "r"}, r"reasoning_content is set on a user turn"),
 ])
 def test_bad_messages_name_the_field(message, match):

@@ -20,7 +20,10 @@ Reasoning, tool calls and whatever else the template writes for the turn are
 inside the completion because the template put them there.
 
 Ids are `tokenize(prompt) + tokenize(completion)`: token for token what vLLM
-feeds and what the model must produce. Turns share one sample when an earlier
+feeds and what the model must produce. For a vision-language model the prompt
+is tokenized by its processor (`ImageEncoder`), which expands each image
+placeholder the template wrote into the image's tokens, as vLLM does; images
+belong to prompts only, so image tokens are never supervised. Turns share one sample when an earlier
 turn's ids are a prefix of a later turn's sample; a template that renders
 history differently from a fresh turn (Qwen3 drops the reasoning of past
 turns) gets one sample per turn (`data.multi_turn: as_served`, the default), or,
@@ -38,7 +41,8 @@ from functools import lru_cache
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from shipyard.data.messages import Record, RecordError, reasoning_of, without_reasoning
+from shipyard.data.images import ImageEncoder, images_of
+from shipyard.data.messages import Record, RecordError, reasoning_of, text_of, without_reasoning
 from shipyard.errors import ShipyardError
 
 IGNORE_INDEX = -100
@@ -53,6 +57,7 @@ class Sample:
     labels: list[int]  # input id where supervised, IGNORE_INDEX elsewhere; not shifted
     source: str = ""  # the record's file:line
     turns: tuple[int, ...] = ()  # indices of the assistant messages this sample supervises
+    images: tuple[str, ...] = ()  # image references, in the order their tokens appear in input_ids
 
     @property
     def num_targets(self) -> int:
@@ -149,7 +154,7 @@ class TurnSkipped(Exception):
 
 
 def _is_empty(message: dict) -> bool:
-    return not message["content"].strip() and not (reasoning_of(message) or "").strip() and not message.get("tool_calls")
+    return not text_of(message["content"]).strip() and not (reasoning_of(message) or "").strip() and not message.get("tool_calls")
 
 
 def _first_stop(text: str, start: int, stops: list[str]) -> int | None:
@@ -181,8 +186,9 @@ def _check_rendered(tokenizer, record: Record, i: int, rendered: str, kwargs: di
     """Reasoning and tool calls the template ignores would be dropped silently: refuse instead."""
     message = record.messages[i]
     head = record.messages[:i]
-    inline = message["content"].partition("</think>")
-    bare = {**without_reasoning(message), "content": inline[2] if inline[1] else message["content"]}
+    content = message["content"]
+    inline = content.partition("</think>") if isinstance(content, str) else ("", "", "")
+    bare = {**without_reasoning(message), "content": inline[2] if inline[1] else content}
     if (reasoning_of(message) or inline[1]) and render_text(tokenizer, head + [bare], tools=record.tools,
                                                             kwargs=kwargs) == rendered:
         raise RecordError(
@@ -202,7 +208,7 @@ def _check_rendered(tokenizer, record: Record, i: int, rendered: str, kwargs: di
 
 def _check_tool_results(tokenizer, record: Record, kwargs: dict) -> None:
     """A template that drops tool results would train answers to questions the model never saw answered."""
-    tool_turns = [j for j, m in enumerate(record.messages) if m["role"] == "tool" and m["content"].strip()]
+    tool_turns = [j for j, m in enumerate(record.messages) if m["role"] == "tool" and text_of(m["content"]).strip()]
     if not tool_turns:
         return
     full = render_text(tokenizer, record.messages, tools=record.tools, kwargs=kwargs)
@@ -251,14 +257,22 @@ def _supervise(sample: Sample, prompt_ids: list[int], completion_ids: list[int],
 
 
 def tokenize_record(tokenizer: PreTrainedTokenizerBase, record: Record, multi_turn: str = "as_served",
-                    stop_ids: list[int] | None = None) -> Tokenized:
+                    stop_ids: list[int] | None = None, encoder: ImageEncoder | None = None) -> Tokenized:
     """Training samples of one record. Raises RecordError for data the template cannot honour.
 
     `stop_ids` are the ids serving stops on (default: `eos_token_ids(tokenizer)`); recipe-level
     chat_template_kwargs live in the template as defaults (see `template_defaults`), a record's own are passed.
+    `encoder` (vision-language models) tokenizes prompts with their images.
     """
     if multi_turn not in MULTI_TURN_MODES:
         raise ValueError(f"multi_turn must be one of {MULTI_TURN_MODES}")
+    if encoder is None and images_of(record.messages):
+        raise RecordError("the record has image parts, but the model is text-only (its config has no vision tower); "
+                          "use a vision-language model or data.drop_images=true", reason="image_for_text_model")
+
+    def encode_prompt(text: str, messages: list[dict]) -> list[int]:
+        return encoder.encode(text, images_of(messages)) if encoder is not None else _encode(tokenizer, text)
+
     kwargs = record.template_kwargs
     stops = tokenizer.convert_ids_to_tokens(stop_ids if stop_ids is not None else eos_token_ids(tokenizer))
     markers = has_generation_markers(tokenizer)
@@ -274,17 +288,18 @@ def tokenize_record(tokenizer: PreTrainedTokenizerBase, record: Record, multi_tu
             except TurnSkipped as skip:
                 counts[skip.reason] += 1
                 continue
-            turns.append((i, _encode(tokenizer, prompt), _encode(tokenizer, completion)))
+            turns.append((i, encode_prompt(prompt, record.messages[:i]), _encode(tokenizer, completion)))
         whole = render_text(tokenizer, record.messages, tools=record.tools, kwargs=kwargs) if multi_turn == "whole_dialog" else None
+        whole_ids = encode_prompt(whole, record.messages) if whole is not None else None
     except (ShipyardError, RecordError):
         raise
     except Exception as e:  # jinja raises its own errors (raise_exception in templates, undefined variables)
         raise RecordError(f"the chat template failed on this record: {e}", reason="template_error") from None
 
     samples: list[Sample] = []
-    if whole is not None:
-        ids = _encode(tokenizer, whole)
-        samples.append(Sample(ids, [IGNORE_INDEX] * len(ids), record.origin))
+    if whole_ids is not None:
+        samples.append(Sample(whole_ids, [IGNORE_INDEX] * len(whole_ids), record.origin,
+                              images=tuple(images_of(record.messages))))
     for i, prompt_ids, completion_ids in reversed(turns):  # the last turn's sample holds the most history
         if any(_supervise(s, prompt_ids, completion_ids, i) for s in samples):
             counts["supervised"] += 1
@@ -292,16 +307,18 @@ def tokenize_record(tokenizer: PreTrainedTokenizerBase, record: Record, multi_tu
             counts["differs_in_history"] += 1
         else:
             ids = prompt_ids + completion_ids
-            samples.append(Sample(ids, [IGNORE_INDEX] * len(ids), record.origin))
+            samples.append(Sample(ids, [IGNORE_INDEX] * len(ids), record.origin,
+                                  images=tuple(images_of(record.messages[:i]))))
             _supervise(samples[-1], prompt_ids, completion_ids, i)
             counts["supervised"] += 1
     samples = [s for s in reversed(samples) if s.turns]
     return Tokenized(samples, counts)
 
 
-def tokenize_dialog(tokenizer: PreTrainedTokenizerBase, record: Record, multi_turn: str = "as_served") -> Sample:
+def tokenize_dialog(tokenizer: PreTrainedTokenizerBase, record: Record, multi_turn: str = "as_served",
+                    encoder: ImageEncoder | None = None) -> Sample:
     """The one sample of a dialog whose turns all share it (tests and benchmarks)."""
-    out = tokenize_record(tokenizer, record, multi_turn)
+    out = tokenize_record(tokenizer, record, multi_turn, encoder=encoder)
     if len(out.samples) != 1:
         raise ShipyardError(f"{record.origin}: this dialog becomes {len(out.samples)} samples, not one ({dict(out.turns)})")
     return out.samples[0]

@@ -16,7 +16,8 @@ from transformers import PreTrainedTokenizerBase
 
 from shipyard.config import DataConfig
 from shipyard.data.chat import IGNORE_INDEX, Sample, tokenize_record
-from shipyard.data.messages import Record, RecordError
+from shipyard.data.images import ImageEncoder
+from shipyard.data.messages import Record, RecordError, without_images
 from shipyard.data.sources import SkipCounter, handle_bad_record, read_sources
 from shipyard.errors import ShipyardError
 
@@ -38,25 +39,28 @@ class Datasets:
         return dict(sorted(self.turns.items()))
 
 
-def _fit_length(sample: Sample, max_length: int, policy: str) -> Sample | None:
+def _fit_length(sample: Sample, max_length: int, policy: str, encoder: ImageEncoder | None) -> Sample | str | None:
+    """The sample within max_length, or the reason it is skipped."""
     if len(sample.input_ids) <= max_length:
         return sample
     if policy == "drop":
-        return None
-    cut = Sample(sample.input_ids[:max_length], sample.labels[:max_length], sample.source, sample.turns)
-    return cut if cut.num_targets else None
+        return "overlength"
+    if encoder is not None and encoder.image_token_id in sample.input_ids[max_length:]:
+        return "overlength_cuts_image"  # an image's tokens must all be there, or its features have nowhere to go
+    cut = Sample(sample.input_ids[:max_length], sample.labels[:max_length], sample.source, sample.turns, sample.images)
+    return cut if cut.num_targets else "overlength_no_target_left"
 
 
 def tokenize_records(
     records: list[Record], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, skipped: SkipCounter,
-    turns: Counter | None = None, stop_ids: list[int] | None = None,
+    turns: Counter | None = None, stop_ids: list[int] | None = None, encoder: ImageEncoder | None = None,
 ) -> tuple[list[Sample], list[Record], int]:
     """Samples of `records` in order, the records that gave at least one, and how many samples were truncated."""
     samples, kept, truncated = [], [], 0
     turns = Counter() if turns is None else turns
     for record in records:
         try:
-            out = tokenize_record(tokenizer, record, cfg.multi_turn, stop_ids)
+            out = tokenize_record(tokenizer, record, cfg.multi_turn, stop_ids, encoder)
         except RecordError as e:
             handle_bad_record(e, record.origin, cfg.on_error, skipped)
             continue
@@ -67,9 +71,9 @@ def tokenize_records(
             continue
         fitted = []
         for sample in out.samples:
-            fit = _fit_length(sample, cfg.max_length, cfg.overlength)
-            if fit is None:
-                skipped["overlength" if cfg.overlength == "drop" else "overlength_no_target_left"] += 1
+            fit = _fit_length(sample, cfg.max_length, cfg.overlength, encoder)
+            if isinstance(fit, str):
+                skipped[fit] += 1
                 continue
             truncated += fit is not sample
             fitted.append(fit)
@@ -98,13 +102,16 @@ def _key(record: Record) -> str:
 
 
 def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, limit: int | None = None,
-                   stop_ids: list[int] | None = None) -> Datasets:
+                   stop_ids: list[int] | None = None, encoder: ImageEncoder | None = None) -> Datasets:
     """Read, split and tokenize. `limit` tokenizes only the first training records (`shipyard data preview`);
-    `stop_ids` are the ids serving stops on (`eos_token_ids`)."""
+    `stop_ids` are the ids serving stops on (`eos_token_ids`); `encoder`: a vision-language model's processor."""
     skipped = SkipCounter()
     train_records, val_records, val_origin = _split_validation(
-        cfg, read_sources(cfg.train, cfg.on_error, skipped), read_sources(cfg.validation, cfg.on_error, skipped), seed
+        cfg, read_sources(cfg.train, cfg.on_error, skipped, cfg.image_root),
+        read_sources(cfg.validation, cfg.on_error, skipped, cfg.image_root), seed
     )
+    if cfg.drop_images:
+        train_records, val_records = [without_images(r) for r in train_records], [without_images(r) for r in val_records]
     # Held-out means held out: a training record identical to a validation record is skipped (and counted).
     held_out = {_key(r) for r in val_records}
     if held_out:
@@ -116,8 +123,9 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
         train_records, val_records = train_records[:limit], []
 
     turns: Counter = Counter()
-    train, train_kept, truncated = tokenize_records(train_records, tokenizer, cfg, skipped, turns, stop_ids)
-    validation, val_kept, val_truncated = tokenize_records(val_records, tokenizer, cfg, skipped, stop_ids=stop_ids)
+    train, train_kept, truncated = tokenize_records(train_records, tokenizer, cfg, skipped, turns, stop_ids, encoder)
+    validation, val_kept, val_truncated = tokenize_records(val_records, tokenizer, cfg, skipped, stop_ids=stop_ids,
+                                                           encoder=encoder)
     if not train and limit is None:
         sources = ", ".join(s.describe() for s in cfg.train)
         raise ShipyardError(

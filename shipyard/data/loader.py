@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from shipyard.data.chat import IGNORE_INDEX, Sample
+from shipyard.data.images import ImageEncoder
 
 
 @dataclass
@@ -61,8 +62,10 @@ class StepBatches:
     (the same samples as unpacked: packing changes the layout, not what a step learns from).
     """
 
-    def __init__(self, samples: list[Sample], plan: BatchPlan, seed: int, pad_id: int, pack_length: int | None = None):
+    def __init__(self, samples: list[Sample], plan: BatchPlan, seed: int, pad_id: int, pack_length: int | None = None,
+                 encoder: ImageEncoder | None = None):
         self.samples, self.plan, self.pad_id, self.pack_length = samples, plan, pad_id, pack_length
+        self.encoder = encoder
         self.stream = IndexStream(len(samples), seed)
         self.samples_consumed = 0
 
@@ -75,7 +78,7 @@ class StepBatches:
         groups = [[self.samples[i] for i in mine[k : k + p.micro_batch_size]] for k in range(0, per_rank, p.micro_batch_size)]
         if self.pack_length:
             return [pack(group, self.pad_id, self.pack_length) for group in groups]
-        return [collate(group, self.pad_id) for group in groups]
+        return [collate(group, self.pad_id, self.encoder) for group in groups]
 
     def state_dict(self) -> dict:
         return {"samples_consumed": self.samples_consumed}
@@ -88,8 +91,11 @@ class StepBatches:
         return self.samples_consumed / len(self.samples)
 
 
-def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sample; padding is masked out of attention and loss."""
+def collate(samples: list[Sample], pad_id: int, encoder: ImageEncoder | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sample; padding is masked out of attention and loss.
+
+    With `encoder` (vision-language models), the pixel inputs of the batch's images in id order, and the
+    token-type ids marking image positions."""
     width = max(len(s.input_ids) for s in samples)
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
@@ -99,7 +105,12 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[row, :n] = torch.tensor(s.input_ids)
         labels[row, :n] = torch.tensor(s.labels)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if encoder is not None:
+        batch.update(encoder.pixel_inputs([ref for s in samples for ref in s.images]))
+        if "pixel_values" in batch:
+            batch.update(encoder.type_ids(input_ids))
+    return batch
 
 
 def pack(samples: list[Sample], pad_id: int, row_length: int) -> dict[str, torch.Tensor]:
@@ -138,7 +149,8 @@ def pack(samples: list[Sample], pad_id: int, row_length: int) -> dict[str, torch
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": attention_mask}
 
 
-def eval_batches(samples: list[Sample], batch_size: int, pad_id: int, dp_rank: int = 0, dp_size: int = 1):
+def eval_batches(samples: list[Sample], batch_size: int, pad_id: int, dp_rank: int = 0, dp_size: int = 1,
+                 encoder: ImageEncoder | None = None):
     """Validation micro-batches for one rank: a strided share of the samples, in order.
 
     Every rank yields the same number of batches (sharded models run collectives in each forward); a rank
@@ -149,5 +161,5 @@ def eval_batches(samples: list[Sample], batch_size: int, pad_id: int, dp_rank: i
     for k in range(0, per_rank, batch_size):
         chunk = mine[k : k + batch_size]
         if not chunk:
-            chunk = [Sample(samples[0].input_ids, [IGNORE_INDEX] * len(samples[0].input_ids))]
-        yield collate(chunk, pad_id)
+            chunk = [Sample(samples[0].input_ids, [IGNORE_INDEX] * len(samples[0].input_ids), images=samples[0].images)]
+        yield collate(chunk, pad_id, encoder)

@@ -9,7 +9,10 @@ what vLLM's chat endpoint hands the template, so that training renders a dialog
 the way serving will:
 
 - `content: null` (an assistant turn that only calls tools) becomes "";
-- `content` as a list of text parts becomes their texts joined by newlines;
+- `content` as a list of text parts becomes their texts joined by newlines; a list
+  with images stays a list of `{"type": "text"}` and `{"type": "image", "image": REF}`
+  parts (REF an absolute path or data: URI, see data/images.py), which is what a
+  vision-language template iterates over;
 - reasoning (`reasoning_content`, or its aliases `reasoning` / `thinking`) is
   offered to the template as both `reasoning_content` and `reasoning`;
 - tool-call `arguments` given as a JSON string become a mapping (templates
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -56,7 +60,22 @@ def without_reasoning(message: dict) -> dict:
     return {k: v for k, v in message.items() if k not in REASONING_KEYS}
 
 
-def _content(value: Any, where: str, role: str, has_tool_calls: bool) -> str:
+def text_of(content: str | list) -> str:
+    """The text of a message's content (image parts left out)."""
+    if isinstance(content, str):
+        return content
+    return "\n".join(part["text"] for part in content if part.get("type") == "text")
+
+
+def without_images(record: Record) -> Record:
+    """`record` with its image parts removed (data.drop_images): text content as a text-only model sees it."""
+    messages = [{**m, "content": text_of(m["content"])} for m in record.messages]
+    return Record(messages, record.origin, record.tools, record.template_kwargs)
+
+
+def _content(value: Any, where: str, role: str, has_tool_calls: bool, image_root: Path | None) -> str | list[dict]:
+    from shipyard.data.images import IMAGE_PART_TYPES, resolve_image_ref
+
     if isinstance(value, str):
         return value
     if value is None:
@@ -64,17 +83,25 @@ def _content(value: Any, where: str, role: str, has_tool_calls: bool) -> str:
             return ""
         raise RecordError(f"{where}.content is null; only an assistant turn with tool_calls may omit its content")
     if isinstance(value, list):
-        texts = []
+        parts = []
         for j, part in enumerate(value):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif kind in ("image", "image_url", "audio", "input_audio", "video"):
-                raise RecordError(f"{where}.content[{j}] is an {kind} part; this model is text-only")
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind in IMAGE_PART_TYPES:
+                if role == "assistant":
+                    raise RecordError(f"{where}.content[{j}] is an image in an assistant turn; models read images, "
+                                      "they do not write them", reason="image_in_assistant_turn")
+                parts.append({"type": "image", "image": resolve_image_ref(part, f"{where}.content[{j}]", image_root)})
+            elif kind in ("audio", "input_audio", "video"):
+                raise RecordError(f"{where}.content[{j}] is an {kind} part; shipyard trains text and images")
             else:
-                raise RecordError(f'{where}.content[{j}] is not a text part like {{"type": "text", "text": "..."}}')
-        return "\n".join(texts)
-    raise RecordError(f"{where}.content must be a string, a list of text parts or null (got {type(value).__name__})")
+                raise RecordError(f'{where}.content[{j}] is not a text part like {{"type": "text", "text": "..."}} '
+                                  'or an image part like {"type": "image", "image": "path.png"}')
+        if any(p["type"] == "image" for p in parts):
+            return parts
+        return "\n".join(p["text"] for p in parts)
+    raise RecordError(f"{where}.content must be a string, a list of text/image parts or null (got {type(value).__name__})")
 
 
 def _tool_calls(value: Any, where: str) -> list[dict]:
@@ -102,7 +129,7 @@ def _tool_calls(value: Any, where: str) -> list[dict]:
     return calls
 
 
-def _message(m: Any, i: int) -> dict:
+def _message(m: Any, i: int, image_root: Path | None = None) -> dict:
     where = f"messages[{i}]"
     if not isinstance(m, dict):
         raise RecordError(f"{where} is not an object")
@@ -117,7 +144,7 @@ def _message(m: Any, i: int) -> dict:
         out["tool_calls"] = _tool_calls(tool_calls, where)
         if not out["tool_calls"]:
             del out["tool_calls"]  # an empty list is no call (vLLM drops it too)
-    out["content"] = _content(m.get("content"), where, role, bool(out.get("tool_calls")))
+    out["content"] = _content(m.get("content"), where, role, bool(out.get("tool_calls")), image_root)
     present = [k for k in REASONING_KEYS if m.get(k) is not None]
     if present:
         if role != "assistant":
@@ -134,14 +161,16 @@ def _message(m: Any, i: int) -> dict:
     return out
 
 
-def normalise_record(obj: Any, origin: str) -> Record:
-    """The record as the template will see it, or RecordError saying what is wrong."""
+def normalise_record(obj: Any, origin: str, image_root: Path | None = None) -> Record:
+    """The record as the template will see it, or RecordError saying what is wrong.
+
+    Relative image paths are resolved against `image_root` (the JSONL's folder, or data.image_root)."""
     if not isinstance(obj, dict) or "messages" not in obj:
         raise RecordError(f'expected an object with a "messages" list, e.g. {EXAMPLE}')
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
         raise RecordError('"messages" must be a non-empty list')
-    normalised = [_message(m, i) for i, m in enumerate(messages)]
+    normalised = [_message(m, i, image_root) for i, m in enumerate(messages)]
     tools = obj.get("tools")
     if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
         raise RecordError('"tools" must be a list of function schemas (objects)')

@@ -35,9 +35,10 @@ def handle_bad_record(error: RecordError, origin: str, on_error: str, skipped: S
     raise ShipyardError(f"{origin}: {error} ({SKIP_HINT})")
 
 
-def _record(obj: object, origin: str, on_error: str, skipped: SkipCounter) -> Record | None:
+def _record(obj: object, origin: str, on_error: str, skipped: SkipCounter, image_root: Path | None = None
+            ) -> Record | None:
     try:
-        return normalise_record(obj, origin)
+        return normalise_record(obj, origin, image_root)
     except RecordError as e:
         handle_bad_record(e, origin, on_error, skipped)
         return None
@@ -59,7 +60,7 @@ def _parse_line(raw: bytes, lineno: int) -> object:
         raise RecordError(f"not valid JSON ({e.msg} at column {e.colno}); each line must hold one JSON record") from None
 
 
-def _read_jsonl(path: Path, on_error: str, skipped: SkipCounter) -> list[Record]:
+def _read_jsonl(path: Path, on_error: str, skipped: SkipCounter, image_root: Path) -> list[Record]:
     records = []
     with path.open("rb") as f:  # bytes: a bad byte is one bad line, not a crash of the whole file
         for lineno, raw in enumerate(f, start=1):
@@ -71,7 +72,7 @@ def _read_jsonl(path: Path, on_error: str, skipped: SkipCounter) -> list[Record]
             except RecordError as e:
                 handle_bad_record(e, origin, on_error, skipped)
                 continue
-            if (record := _record(obj, origin, on_error, skipped)) is not None:
+            if (record := _record(obj, origin, on_error, skipped, image_root)) is not None:
                 records.append(record)
     return records
 
@@ -91,7 +92,7 @@ def _decode_json_columns(row: dict) -> dict:
     return out
 
 
-def _read_with_datasets(path: Path, on_error: str, skipped: SkipCounter) -> list[Record]:
+def _read_with_datasets(path: Path, on_error: str, skipped: SkipCounter, image_root: Path) -> list[Record]:
     import datasets  # imported lazily: it is slow to import and JSONL needs none of it
 
     builder = {".json": "json", ".parquet": "parquet", ".csv": "csv"}[path.suffix]
@@ -108,25 +109,29 @@ def _read_with_datasets(path: Path, on_error: str, skipped: SkipCounter) -> list
         except RecordError as e:
             handle_bad_record(e, origin, on_error, skipped)
             continue
-        if (record := _record(obj, origin, on_error, skipped)) is not None:
+        if (record := _record(obj, origin, on_error, skipped, image_root)) is not None:
             records.append(record)
     return records
 
 
-def read_source(source: DataSource, on_error: str, skipped: SkipCounter) -> list[Record]:
+def read_source(source: DataSource, on_error: str, skipped: SkipCounter, image_root: str | None = None
+                ) -> list[Record]:
+    """Records of one source; relative image paths resolve against `image_root`, else the file's folder."""
     if source.synthetic is not None:
         generate = synthetic.GENERATORS[source.synthetic]
         rows = generate(source.num_records, source.seed)
-        return [Record(r["messages"], f"synthetic:{source.synthetic}#{i}") for i, r in enumerate(rows)]
+        return [normalise_record(r, f"synthetic:{source.synthetic}#{i}") for i, r in enumerate(rows)]
     path = Path(source.path).expanduser()
     if path.is_dir():
         raise ShipyardError(f"data file '{source.path}' is a directory; name a .jsonl, .json, .parquet or .csv file in it")
     if not path.is_file():
         raise ShipyardError(f"data file '{source.path}' does not exist (relative paths are read from {Path.cwd()})")
+    root = Path(image_root).expanduser() if image_root else path.parent
     if path.suffix in (".json", ".parquet", ".csv"):
-        return _read_with_datasets(path, on_error, skipped)
-    return _read_jsonl(path, on_error, skipped)
+        return _read_with_datasets(path, on_error, skipped, root)
+    return _read_jsonl(path, on_error, skipped, root)
 
 
-def read_sources(sources: list[DataSource], on_error: str, skipped: SkipCounter) -> list[Record]:
-    return [record for source in sources for record in read_source(source, on_error, skipped)]
+def read_sources(sources: list[DataSource], on_error: str, skipped: SkipCounter, image_root: str | None = None
+                 ) -> list[Record]:
+    return [record for source in sources for record in read_source(source, on_error, skipped, image_root)]

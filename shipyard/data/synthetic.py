@@ -52,4 +52,10 @@ def sort_words(num_records: int, seed: int) -> list[dict]:
     return word_task("sort_words", num_records, seed)
 
 
-GENERATORS = {"reverse_words": reverse_words, "sort_words": sort_words}
+def _shapes(num_records: int, seed: int) -> list[dict]:
+    from shipyard.data.synthetic_images import shapes  # PIL: imported only when the image task is used
+
+    return shapes(num_records, seed)
+
+
+GENERATORS = {"reverse_words": reverse_words, "sort_words": sort_words, "shapes": _shapes}

@@ -81,8 +81,26 @@ def load_meta(src: Path, trust_remote_code: bool = False) -> tuple[ModelMeta, di
         base_eos=base_eos,
         layout=layout,
         probe=read_probe(src),
+        processor=load_processor_of(src, config, tokenizer, trust_remote_code),
     )
     return meta, info
+
+
+def load_processor_of(src: Path, config, tokenizer, trust_remote_code: bool = False):
+    """A vision-language directory's processor (image settings), wired to the normalised tokenizer."""
+    from shipyard.models.vision import is_vision_language
+
+    if not is_vision_language(config):
+        return None
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ShipyardError(f"{src}: a vision-language model whose processor does not load ({str(e).splitlines()[0]}); "
+                            "its processor_config.json / preprocessor_config.json is needed to serve images") from None
+    processor.tokenizer = tokenizer
+    return processor
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp", ".gguf")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,6 +252,28 @@ def write_tokenizer(out_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:
     normalise_tokenizer_files(out_dir)
 
 
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
+
+
+def write_processor(out_dir: Path, processor, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The processor's config (image settings such as the pixel limits training used) next to the tokenizer.
+
+    Its chat template is written into processor_config.json as well: the tokenizer's copy is inlined into
+    tokenizer_config.json (see normalise_tokenizer_files), and a processor without its own template cannot
+    `apply_chat_template`.
+    """
+    with tempfile.TemporaryDirectory(prefix="shipyard-processor-") as tmp:
+        processor.chat_template = tokenizer.chat_template
+        processor.save_pretrained(tmp)
+        for name in PROCESSOR_FILES:
+            if (Path(tmp) / name).is_file():
+                shutil.copyfile(Path(tmp) / name, out_dir / name)
+    path = out_dir / "processor_config.json"
+    data = json.loads(path.read_text()) if path.is_file() else {"processor_class": type(processor).__name__}
+    data["chat_template"] = tokenizer.chat_template
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
 def copy_custom_code(base_dir: Path | None, out_dir: Path) -> list[str]:
     """Copy the `*.py` files of a trust_remote_code model, keeping their folder structure."""
     if base_dir is None:
@@ -296,6 +319,7 @@ class ModelMeta:
     layout: WeightLayout = field(default_factory=WeightLayout)
     quantized: bool = False
     probe: dict | None = None  # shipyard_verify.json: prompts and the training-time rendering
+    processor: object | None = None  # vision-language models: the processor (image settings, chat template)
 
 
 def write_hf_metadata(out_dir: Path, meta: ModelMeta, weights_dtype: torch.dtype) -> None:
@@ -306,5 +330,7 @@ def write_hf_metadata(out_dir: Path, meta: ModelMeta, weights_dtype: torch.dtype
     write_config(out_dir, meta.config, weights_dtype, meta.architecture, meta.quantized)
     write_generation_config(out_dir, eos_token_ids(meta.tokenizer, meta.base_eos), meta.tokenizer.pad_token_id)
     write_tokenizer(out_dir, meta.tokenizer)
+    if meta.processor is not None:
+        write_processor(out_dir, meta.processor, meta.tokenizer)
     if meta.probe is not None:
         write_probe(out_dir, meta.probe)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase,
+    AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, GenerationConfig,
+    PreTrainedModel, PreTrainedTokenizerBase,
 )
 
 from shipyard.config import ModelConfig
@@ -22,6 +23,8 @@ from shipyard.data.chat import apply_template_defaults
 from shipyard.models.attention import choose_attention
 from shipyard.errors import ShipyardError, did_you_mean
 from shipyard.models.presets import PRESETS, preset_config
+from shipyard.models.vision import is_vision_language
+from shipyard.models.vision_presets import VISION_PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ def resolve_source(path: str) -> ModelSource:
         if not (local / "config.json").is_file():
             raise ShipyardError(f"model.path '{path}' is a directory without config.json: not a Hugging Face model directory")
         return ModelSource("local", path, local.resolve())
-    if path in PRESETS:
+    if path in PRESETS or path in VISION_PRESETS:
         return ModelSource("preset", path, None)
     looks_local = path.startswith((".", "/", "~")) or local.suffix in {".json", ".safetensors", ".bin"}
     # A bare name close to a preset is a typo, not a hub id: say so now rather than after network retries.
@@ -65,13 +68,51 @@ def _hub_error(path: str, error: Exception) -> ShipyardError:
     )
 
 
-def load_tokenizer(cfg: ModelConfig, source: ModelSource, template_defaults: dict | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer training renders with; `template_defaults` (data.chat_template_kwargs) become its template's defaults."""
-    name = cfg.tokenizer or (str(SHIPPED_TOKENIZER) if source.kind == "preset" else source.name)
+def source_config(cfg: ModelConfig, source: ModelSource):
+    if source.kind == "preset":
+        return VISION_PRESETS[source.name]()[0] if source.name in VISION_PRESETS else preset_config(source.name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise _hub_error(name, e) from None
+        return AutoConfig.from_pretrained(str(source.local_dir or source.name), trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise _hub_error(source.name, e) from None
+
+
+def load_processor(cfg: ModelConfig, source: ModelSource, tokenizer: PreTrainedTokenizerBase | None = None):
+    """A vision-language model's processor (None for text models), wired to `tokenizer` and its template."""
+    if source.kind == "preset":
+        if source.name not in VISION_PRESETS:
+            return None
+        processor = VISION_PRESETS[source.name]()[1]
+    else:
+        if not is_vision_language(source_config(cfg, source)):
+            return None
+        path = str(source.local_dir or source.name)
+        try:
+            processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError, ImportError) as e:
+            raise ShipyardError(f"'{source.name}' is a vision-language model, but its processor does not load "
+                                f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if tokenizer is not None:
+        processor.tokenizer = tokenizer
+        processor.chat_template = tokenizer.chat_template
+    return processor
+
+
+def load_tokenizer(cfg: ModelConfig, source: ModelSource, template_defaults: dict | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer training renders with; `template_defaults` (data.chat_template_kwargs) become its template's defaults.
+
+    A vision-language model renders with its processor's chat template (it knows image parts)."""
+    processor = load_processor(cfg, source)
+    if processor is not None and cfg.tokenizer is None:
+        tokenizer = processor.tokenizer
+    else:
+        name = cfg.tokenizer or (str(SHIPPED_TOKENIZER) if source.kind == "preset" else source.name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise _hub_error(name, e) from None
+    if processor is not None and processor.chat_template:
+        tokenizer.chat_template = processor.chat_template
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and loss, so any id works; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
@@ -82,7 +123,7 @@ def load_tokenizer(cfg: ModelConfig, source: ModelSource, template_defaults: dic
 def base_eos(cfg: ModelConfig, source: ModelSource) -> list[int] | int | None:
     """The EOS ids the model's generation config lists, without loading its weights (`shipyard data preview`)."""
     if source.kind == "preset":
-        return preset_config(source.name).eos_token_id
+        return source_config(cfg, source).get_text_config().eos_token_id
     path = str(source.local_dir or source.name)
     try:
         return GenerationConfig.from_pretrained(path).eos_token_id
@@ -97,16 +138,18 @@ def base_eos(cfg: ModelConfig, source: ModelSource) -> list[int] | int | None:
 def load_model(cfg: ModelConfig, source: ModelSource, seed: int) -> PreTrainedModel:
     """The model in fp32 on CPU; parallel/ moves, shards and casts it."""
     if source.kind == "preset":
-        config = preset_config(source.name)
-        config._attn_implementation = choose_attention(config, cfg.attn_implementation)
+        config = source_config(cfg, source)
+        auto = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
         torch.manual_seed(seed)  # presets start from random weights: make them reproducible
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto.from_config(config, dtype=torch.float32,
+                                 attn_implementation=choose_attention(config, cfg.attn_implementation))
         model.name_or_path = source.name
         return model
     try:
         path = str(source.local_dir or source.name)
         config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
+        auto = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+        model = auto.from_pretrained(
             path,
             dtype=torch.float32,
             trust_remote_code=cfg.trust_remote_code,

@@ -3,7 +3,9 @@
 Order matters and follows torchtitan: checkpoint-wrap each decoder block,
 compile each block, `fully_shard` each block, then `fully_shard` the root
 (embeddings, final norm and LM head stay together in the root group, which
-keeps tied embeddings tied). Parameter names stay Hugging Face names: state
+keeps tied embeddings tied). A vision-language model's vision blocks are
+units of their own too, before the decoder's (its patch embedding and
+projector stay in the root group). Parameter names stay Hugging Face names: state
 dicts and optimizer state are keyed by them, and the few wrapper prefixes
 (`_checkpoint_wrapped_module.`) are stripped wherever names are written.
 """
@@ -19,6 +21,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from shipyard.config import ParallelConfig
 from shipyard.errors import ShipyardError
+from shipyard.models.vision import vision_blocks
 from shipyard.parallel.dist import DistInfo
 from shipyard.parallel.topology import Topology
 
@@ -81,6 +84,7 @@ def apply_parallelism(model: torch.nn.Module, cfg: ParallelConfig, topo: Topolog
         if compiles(cfg, device):
             layer.compile()  # nn.Module.compile: compiled in place, no `_orig_mod.` in parameter names
         setattr(layers, key, layer)
+    vision = vision_blocks(model) if hasattr(model, "config") else None
     model.to(device)
     if topo.fsdp_mesh is None:
         return model
@@ -88,6 +92,8 @@ def apply_parallelism(model: torch.nn.Module, cfg: ParallelConfig, topo: Topolog
     mesh = topo.fsdp_mesh
     # bf16 compute with fp32 gradient reduction on GPU; exact fp32 on CPU.
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for block in vision if vision is not None else ():
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
     for i, (_, layer) in enumerate(layers.named_children()):
         # The last block is gathered again right away for backward: keeping it saves one all-gather.
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward and i < len(blocks) - 1)

@@ -13,7 +13,8 @@ from transformers import PreTrainedTokenizerBase
 
 from shipyard.config import EvalConfig
 from shipyard.data.chat import prompt_and_reference, render_text
-from shipyard.data.messages import Record
+from shipyard.data.images import ImageEncoder, images_of
+from shipyard.data.messages import Record, text_of
 from shipyard.parallel.dist import DistInfo
 
 
@@ -46,18 +47,46 @@ def greedy_answers(
     return answers
 
 
+@torch.no_grad()
+def greedy_answers_with_images(model, encoder: ImageEncoder, prompts: list[str], images: list[list[str]],
+                               eos_ids: list[int], cfg: EvalConfig, device, synced: bool = False) -> list[str]:
+    """Greedy completions of rendered prompts with their images, one prompt at a time (no padding to get
+    wrong around image tokens; a VLM eval is a few hundred short prompts)."""
+    model.eval()
+    tokenizer = encoder.tokenizer
+    answers = []
+    try:
+        for text, refs in zip(prompts, images):
+            ids = torch.tensor([encoder.encode(text, refs)])
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **encoder.pixel_inputs(refs)}
+            if refs:
+                inputs.update(encoder.type_ids(ids))
+            out = model.generate(**{k: v.to(device) for k, v in inputs.items()}, max_new_tokens=cfg.max_new_tokens,
+                                 do_sample=False, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+                                 synced_gpus=synced)
+            answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    finally:
+        model.train()
+    return answers
+
+
 def exact_match(
-    model, tokenizer, records: list[Record], eos_ids: list[int], cfg: EvalConfig, dist_info: DistInfo
+    model, tokenizer, records: list[Record], eos_ids: list[int], cfg: EvalConfig, dist_info: DistInfo,
+    encoder: ImageEncoder | None = None,
 ) -> dict:
     """{"exact_match": fraction, "num_prompts": n, "examples": first few (prompt, expected, got)}."""
     records = records[: cfg.max_prompts]
     pairs = [prompt_and_reference(r) for r in records]
     texts = [render_text(tokenizer, p, add_generation_prompt=True, tools=r.tools, kwargs=r.template_kwargs)
              for (p, _), r in zip(pairs, records)]
-    answers = greedy_answers(model, tokenizer, texts, eos_ids, cfg, dist_info.device, synced=dist_info.distributed)
+    if encoder is not None:
+        answers = greedy_answers_with_images(model, encoder, texts, [images_of(p) for p, _ in pairs], eos_ids, cfg,
+                                             dist_info.device, synced=dist_info.distributed)
+    else:
+        answers = greedy_answers(model, tokenizer, texts, eos_ids, cfg, dist_info.device, synced=dist_info.distributed)
     hits = [a.strip() == ref.strip() for a, (_, ref) in zip(answers, pairs)]
     examples = [
-        {"prompt": p[-1]["content"], "expected": ref, "got": a.strip()}
+        {"prompt": text_of(p[-1]["content"]), "expected": ref, "got": a.strip()}
         for (p, ref), a in list(zip(pairs, answers))[:5]
     ]
     return {"exact_match": sum(hits) / max(len(hits), 1), "num_prompts": len(hits), "examples": examples}

@@ -27,7 +27,9 @@ from shipyard.export.export import export_checkpoint
 from shipyard.data.chat import eos_token_ids
 from shipyard.export.hf import ModelMeta, WeightLayout
 from shipyard.fsutil import write_text_atomic
-from shipyard.models.load import load
+from shipyard.data.images import ImageEncoder
+from shipyard.models.load import load, load_processor
+from shipyard.models.vision import apply_pixel_limits, blank_image_inputs, freeze, pixel_limits
 from shipyard.parallel import pipeline
 from shipyard.parallel.dist import DistInfo, all_reduce_sum, broadcast_object, init_distributed, on_main
 from shipyard.parallel.fsdp import apply_parallelism, use_fsdp
@@ -85,12 +87,13 @@ def plan_batches(recipe: Recipe, topo: Topology) -> BatchPlan:
     )
 
 
-def build_runner(model, recipe: Recipe, topo: Topology, dist_info: DistInfo, pad_id: int):
+def build_runner(model, recipe: Recipe, topo: Topology, dist_info: DistInfo, pad_id: int, blank_image=None):
     """Split, shard and wrap the model; returns (the rank's model view for optimizer/checkpoints, runner)."""
     bf16 = bf16_enabled(recipe, dist_info.device)
     if recipe.parallel.pp == 1:
         model = apply_parallelism(model, recipe.parallel, topo, dist_info.device, bf16)
-        return model, LocalRunner(model, recipe.train.loss_chunk_size, autocast_for(recipe, dist_info.device))
+        return model, LocalRunner(model, recipe.train.loss_chunk_size, autocast_for(recipe, dist_info.device),
+                                  blank_image)
     stage_layers = pipeline.validate(model, recipe.parallel)
     n_stages = len(stage_layers)
     stage_ids = list(range(topo.pp_rank, n_stages, topo.pp_size))  # interleaved: rank r runs r, r + pp, ...
@@ -111,10 +114,15 @@ def build_runner(model, recipe: Recipe, topo: Topology, dist_info: DistInfo, pad
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
 
 
-def packing_length(model, recipe: Recipe, topo: Topology, say) -> int | None:
+def packing_length(model, recipe: Recipe, topo: Topology, say, is_vlm: bool = False) -> int | None:
     """Row length for packed micro-batches, or None to pad each micro-batch to its longest sample."""
     mode = recipe.data.packing
     if mode is False:
+        return None
+    if is_vlm:
+        if mode is True:
+            raise ShipyardError("data.packing=true is not supported for vision-language models (image features and "
+                                "M-RoPE positions are per sample); use data.packing=false")
         return None
     if topo.pp_size > 1:
         if mode is True:
@@ -136,8 +144,8 @@ def packing_length(model, recipe: Recipe, topo: Topology, say) -> int | None:
     return recipe.data.max_length
 
 
-def validation_loss(runner, samples, batch_size: int, pad_id: int, topo: Topology, device) -> float:
-    batches = list(eval_batches(samples, batch_size, pad_id, topo.dp_rank, topo.dp_size))
+def validation_loss(runner, samples, batch_size: int, pad_id: int, topo: Topology, device, encoder=None) -> float:
+    batches = list(eval_batches(samples, batch_size, pad_id, topo.dp_rank, topo.dp_size, encoder))
     count = all_reduce_sum(supervised_tokens(batches), device, group=topo.dp_group)
     total = all_reduce_sum(runner.eval_batches(batches, device).item(), device)
     return total / max(count, 1)
@@ -161,6 +169,17 @@ def exact_match_of_export(final_dir: Path, recipe: Recipe, tokenizer, records, e
     return on_main(generate)
 
 
+def image_encoder(processor, recipe: Recipe) -> ImageEncoder | None:
+    """The data pipeline's view of a vision-language model's processor, with the recipe's pixel limits set."""
+    if processor is None:
+        return None
+    apply_pixel_limits(processor, recipe.data.min_pixels, recipe.data.max_pixels)
+    limit = recipe.data.max_image_pixels
+    if limit is None and (limits := pixel_limits(processor)):
+        limit = 16 * limits[1]
+    return ImageEncoder(processor, limit)
+
+
 @dataclass
 class TrainResult:
     summary: dict
@@ -179,23 +198,28 @@ def train(recipe: Recipe) -> TrainResult:
     seed_everything(recipe.seed)
     model, tokenizer, source = load(recipe.model, recipe.seed, recipe.data.chat_template_kwargs)
     meta = model_meta(model, tokenizer, source)
+    meta.processor = processor = load_processor(recipe.model, source, tokenizer)
+    encoder = image_encoder(processor, recipe)
     eos_ids = eos_token_ids(tokenizer, meta.base_eos)  # what serving stops on; every supervised turn ends with one
-    data = build_datasets(recipe.data, tokenizer, recipe.seed, stop_ids=eos_ids)
-    meta.probe = make_probe(tokenizer, data.validation_records, data.train_records, recipe.data.multi_turn, eos_ids)
+    data = build_datasets(recipe.data, tokenizer, recipe.seed, stop_ids=eos_ids, encoder=encoder)
+    meta.probe = make_probe(tokenizer, data.validation_records, data.train_records, recipe.data.multi_turn, eos_ids,
+                            encoder)
+    frozen = freeze(model, recipe.model.freeze) if recipe.model.freeze else []
     adapter = setup_lora(model, recipe, meta, source, dist_info) if recipe.lora is not None else None
     model_fingerprint = fingerprint(model)  # of the whole model, before it is split into pipeline stages
     n_params = sum(p.numel() for p in model.parameters())
 
     topo = build_topology(recipe.parallel, dist_info, use_fsdp(recipe.parallel, dist_info))
-    pack_length = packing_length(model, recipe, topo, say)
-    model, runner = build_runner(model, recipe, topo, dist_info, tokenizer.pad_token_id)
+    pack_length = packing_length(model, recipe, topo, say, is_vlm=encoder is not None)
+    blank = blank_image_inputs(processor) if encoder is not None else None
+    model, runner = build_runner(model, recipe, topo, dist_info, tokenizer.pad_token_id, blank)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     plan = plan_batches(recipe, topo)
     total_steps = recipe.train.max_steps or max(1, math.ceil(recipe.train.epochs * len(data.train) / plan.global_batch))
     optimizer = build_optimizer(list(model.named_parameters()), recipe.optim, dist_info.device)
     scheduler = build_scheduler(optimizer, total_steps, recipe.optim)
-    batches = StepBatches(data.train, plan, recipe.seed, tokenizer.pad_token_id, pack_length)
+    batches = StepBatches(data.train, plan, recipe.seed, tokenizer.pad_token_id, pack_length, encoder)
 
     if main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -225,6 +249,13 @@ def train(recipe: Recipe) -> TrainResult:
         f"validation: {data.validation_origin}"
         + (f"; chat_template_kwargs {recipe.data.chat_template_kwargs} (exported as the template's defaults)"
            if recipe.data.chat_template_kwargs else ""))
+    if encoder is not None:
+        limits = pixel_limits(processor)
+        say(f"images: {type(processor).__name__}, {sum(len(s.images) for s in data.train)} in training samples"
+            + (f"; {limits[0]:,}..{limits[1]:,} pixels per image (data.min_pixels/max_pixels, exported)" if limits else "")
+            + (f"; frozen: {len(frozen)} parameter tensors ({', '.join(recipe.model.freeze)})" if frozen else ""))
+    elif frozen:
+        say(f"frozen: {len(frozen)} parameter tensors ({', '.join(recipe.model.freeze)})")
     if data.skipped.report()["total"] or data.truncated:
         say(f"data: skipped {data.skipped.report()}, truncated {data.truncated}")
 
@@ -232,7 +263,8 @@ def train(recipe: Recipe) -> TrainResult:
     eval_rows = recipe.train.micro_batch_size if topo.pp_size > 1 else recipe.eval.batch_size
 
     def evaluate_loss() -> float:
-        return validation_loss(runner, data.validation, eval_rows, tokenizer.pad_token_id, topo, dist_info.device)
+        return validation_loss(runner, data.validation, eval_rows, tokenizer.pad_token_id, topo, dist_info.device,
+                               encoder)
 
     logger = MetricsLogger(out, total_steps, start_step, recipe.train.log_every, enabled=main)
     last_saved = resume_dir if start_step == total_steps else None
@@ -256,7 +288,8 @@ def train(recipe: Recipe) -> TrainResult:
         every = recipe.checkpoint.every_steps
         if done == total_steps and dist_info.world_size == 1:
             with autocast_for(recipe, dist_info.device)():  # the function trained, as trained
-                add_reference(meta.probe, model, tokenizer, "bfloat16" if bf16_enabled(recipe, dist_info.device) else "float32")
+                add_reference(meta.probe, model, tokenizer, "bfloat16" if bf16_enabled(recipe, dist_info.device) else "float32",
+                              encoder)
         if done == total_steps or (every and done % every == 0):
             last_saved = save_checkpoint(
                 ckpt_root, done, model=model, optimizer=optimizer,
@@ -274,7 +307,8 @@ def train(recipe: Recipe) -> TrainResult:
     generate = recipe.eval.generate and bool(data.validation_records)
     if generate and topo.pp_size == 1:
         with autocast_for(recipe, dist_info.device)():
-            summary_eval.update(exact_match(model, tokenizer, data.validation_records, eos_ids, recipe.eval, dist_info))
+            summary_eval.update(exact_match(model, tokenizer, data.validation_records, eos_ids, recipe.eval, dist_info,
+                                            encoder))
 
     final_dir: Path | None = out / "final"
     if recipe.checkpoint.consolidate == "never" and dist_info.distributed and adapter is None:

@@ -96,18 +96,32 @@ def isolates_packed_documents(model: torch.nn.Module, vocab_size: int) -> bool:
     return bool(torch.allclose(packed, alone, rtol=1e-3, atol=1e-3 * float(alone.abs().max())))
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> tuple[torch.Tensor, int]:
-    """(sum of next-token losses over supervised positions, number of those positions)."""
+# Batch keys that are not model inputs, or are given only in some cases (packing).
+_NOT_INPUTS = ("labels", "attention_mask", "position_ids")
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int,
+                   blank_image: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
+    """(sum of next-token losses over supervised positions, number of those positions).
+
+    Image inputs in the batch (pixel_values, image_grid_thw, mm_token_type_ids...) go to the model as they are;
+    a vision-language model given a batch without images runs its vision tower on `blank_image` instead
+    (see models/vision.py: every rank runs the same modules)."""
+    inputs = {k: v for k, v in batch.items() if k not in _NOT_INPUTS}
     with capture_lm_head_input(model) as captured:
         if "position_ids" in batch:  # packed rows: documents are separated by position resets, not by a mask
-            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+            model(**inputs, position_ids=batch["position_ids"], use_cache=False)
         else:
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            model(**inputs, attention_mask=batch["attention_mask"], use_cache=False)
     hidden = captured["hidden"][:, :-1]
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[keep], targets[keep]
     head = model.get_output_embeddings()
-    scale, softcap = _logit_transform(model.config)
+    scale, softcap = _logit_transform(model.config.get_text_config())
     loss = chunked_cross_entropy(hidden, head.weight, targets, chunk_size, head.bias, scale, softcap)
+    if blank_image is not None and "pixel_values" not in batch:
+        from shipyard.models.vision import vision_idle_loss
+
+        loss = loss + vision_idle_loss(model, blank_image)
     return loss, int(keep.sum())

@@ -23,15 +23,16 @@ from shipyard.train.loss import causal_lm_loss
 class LocalRunner:
     held_elsewhere: frozenset[int] = frozenset()  # ids of parameters whose gradient another pipeline stage counts
 
-    def __init__(self, model: torch.nn.Module, chunk_size: int, autocast):
+    def __init__(self, model: torch.nn.Module, chunk_size: int, autocast, blank_image: dict | None = None):
         self.model, self.chunk_size, self.autocast = model, chunk_size, autocast
+        self.blank_image = blank_image  # vision-language models: run the vision tower in text-only batches
 
     def train_micro_batches(self, micro_batches, scale: float, device) -> torch.Tensor:
         loss_sum = torch.zeros((), device=device)
         for mb in micro_batches:
             mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
             with self.autocast():
-                summed, _ = causal_lm_loss(self.model, mb, self.chunk_size)
+                summed, _ = causal_lm_loss(self.model, mb, self.chunk_size, self.blank_image)
             (summed * scale).backward()
             loss_sum += summed.detach()
         return loss_sum
@@ -43,7 +44,7 @@ class LocalRunner:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             with self.autocast():
-                summed, _ = causal_lm_loss(self.model, batch, self.chunk_size)
+                summed, _ = causal_lm_loss(self.model, batch, self.chunk_size, self.blank_image)
             loss_sum += summed
         self.model.train()
         return loss_sum

@@ -54,6 +54,7 @@ def shape_of(record: Record) -> tuple[str, ...]:
         "tools": bool(record.tools),
         "system": any(x["role"] == "system" for x in m),
         "template_kwargs": bool(record.template_kwargs),
+        "images": any(isinstance(x["content"], list) for x in m),
     }
     return tuple(name for name, present in features.items() if present) or ("single_turn",)
 
@@ -69,24 +70,47 @@ def pick_dialogs(records: list[Record], limit: int = MAX_DIALOGS) -> list[Record
 
 
 def render_for_probe(tokenizer: PreTrainedTokenizerBase, record: Record, multi_turn: str,
-                     stop_ids: list[int] | None = None) -> list[dict]:
+                     stop_ids: list[int] | None = None, encoder=None) -> list[dict]:
     return [{"turns": list(s.turns), "input_ids": s.input_ids, "labels": s.labels}
-            for s in tokenize_record(tokenizer, record, multi_turn, stop_ids).samples]
+            for s in tokenize_record(tokenizer, record, multi_turn, stop_ids, encoder).samples]
+
+
+def with_inline_images(messages: list[dict]) -> list[dict]:
+    """`messages` with every image as a data: URI, so the probe travels with the directory it is written into."""
+    out = []
+    for m in messages:
+        if isinstance(m["content"], list):
+            m = {**m, "content": [{"type": "image", "image": as_data_uri(p["image"])} if p["type"] == "image" else p
+                                  for p in m["content"]]}
+        out.append(m)
+    return out
+
+
+def as_data_uri(ref: str) -> str:
+    if ref.startswith("data:"):
+        return ref
+    import base64
+    import mimetypes
+
+    kind = mimetypes.guess_type(ref)[0] or "image/png"
+    return f"data:{kind};base64,{base64.b64encode(Path(ref).read_bytes()).decode()}"
 
 
 def make_probe(tokenizer: PreTrainedTokenizerBase, validation: list[Record], train: list[Record],
-               multi_turn: str = "as_served", stop_ids: list[int] | None = None) -> dict:
+               multi_turn: str = "as_served", stop_ids: list[int] | None = None, encoder=None) -> dict:
     """Prompts (validation first) and training-time renderings of one dialog of every shape in `train`."""
     records = validation + train
-    prompts = [prompt_and_reference(r)[0] for r in records[:MAX_PROMPTS]] or BUILTIN_PROMPTS
+    prompts = [with_inline_images(prompt_and_reference(r)[0]) for r in records[:MAX_PROMPTS]] or BUILTIN_PROMPTS
     dialogs = pick_dialogs(train or validation) or [Record(BUILTIN_DIALOG, "builtin")]
+    dialogs = [Record(with_inline_images(r.messages), r.origin, r.tools, r.template_kwargs) for r in dialogs]
     return {
         "format": 2,
         "prompts": prompts,
         "multi_turn": multi_turn,
         "dialogs": [
             {"source": r.origin, "shape": list(shape_of(r)), "messages": r.messages, "tools": r.tools,
-             "chat_template_kwargs": r.template_kwargs, "samples": render_for_probe(tokenizer, r, multi_turn, stop_ids)}
+             "chat_template_kwargs": r.template_kwargs,
+             "samples": render_for_probe(tokenizer, r, multi_turn, stop_ids, encoder)}
             for r in dialogs
         ],
     }
@@ -95,19 +119,19 @@ def make_probe(tokenizer: PreTrainedTokenizerBase, validation: list[Record], tra
 REFERENCE_TOKENS = 32
 
 
-def add_reference(probe: dict, model, tokenizer: PreTrainedTokenizerBase, dtype: str) -> None:
+def add_reference(probe: dict, model, tokenizer: PreTrainedTokenizerBase, dtype: str, encoder=None) -> None:
     """Record the trained model's own greedy tokens and logprobs for the probe prompts.
 
     `verify` compares DIR's transformers answers with these: a directory whose config or weights were
     edited after training (a removed soft-cap, another rope scaling) then fails even though transformers
     and vLLM, both reading the edited config, agree with each other.
     """
-    from shipyard.verify.hf_greedy import greedy, render_prompt_ids
+    from shipyard.verify.hf_greedy import greedy, prompt_inputs
 
     was_training = model.training
     model.eval()
     try:
-        runs = [greedy(model, render_prompt_ids(tokenizer, p), REFERENCE_TOKENS) for p in probe["prompts"]]
+        runs = [greedy(model, prompt_inputs(tokenizer, p, encoder), REFERENCE_TOKENS) for p in probe["prompts"]]
     finally:
         model.train(was_training)
     probe["reference"] = {"dtype": dtype, "token_ids": [t for t, _ in runs], "logprobs": [lp for _, lp in runs]}

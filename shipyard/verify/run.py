@@ -30,7 +30,9 @@ from shipyard.data.chat import IGNORE_INDEX, eos_token_ids, render_text
 from shipyard.data.messages import Record, RecordError
 from shipyard.errors import ShipyardError
 from shipyard.peft.adapter_dir import ADAPTER_CONFIG, is_adapter_dir, resolve_base_dir
-from shipyard.verify.hf_greedy import greedy, load_for_verify, render_prompt_ids
+from shipyard.data.images import ImageEncoder, images_of
+from shipyard.data.messages import text_of
+from shipyard.verify.hf_greedy import greedy, load_for_verify, prompt_inputs
 from shipyard.verify.probe import BUILTIN_DIALOG, BUILTIN_PROMPTS, read_probe, render_for_probe
 
 VLLM_TIMEOUT_S = 900
@@ -93,12 +95,13 @@ def _turn_ends(labels: list[int]) -> list[int]:
             if labels[i] != IGNORE_INDEX and (i + 1 == len(labels) or labels[i + 1] == IGNORE_INDEX)]
 
 
-def _compare_dialog(tokenizer, dialog: dict, multi_turn: str, stops: list[int]) -> tuple[list[str], list[list[int]]]:
+def _compare_dialog(tokenizer, dialog: dict, multi_turn: str, stops: list[int], encoder=None
+                    ) -> tuple[list[str], list[list[int]]]:
     """Problems rendering one recorded dialog with DIR's template, and the label lists it produced."""
     name = f"dialog {dialog['source']}" + (f" ({', '.join(dialog['shape'])})" if dialog.get("shape") else "")
     record = Record(dialog["messages"], dialog["source"], dialog.get("tools"), dialog.get("chat_template_kwargs") or {})
     try:
-        served = render_for_probe(tokenizer, record, multi_turn, stops)
+        served = render_for_probe(tokenizer, record, multi_turn, stops, encoder)
     except (ShipyardError, RecordError) as e:
         return [f"{name}: shipyard cannot derive the loss mask with this template: {e}"], []
     recorded = dialog["samples"]
@@ -109,7 +112,8 @@ def _compare_dialog(tokenizer, dialog: dict, multi_turn: str, stops: list[int]) 
         else:  # the template no longer makes this sample: compare with its plain rendering of the same turns
             last = max(a.get("turns") or [len(record.messages) - 1])
             text = render_text(tokenizer, record.messages[: last + 1], tools=record.tools, kwargs=record.template_kwargs)
-            b = tokenizer(text, add_special_tokens=False)["input_ids"][: len(a["input_ids"])]
+            b = (encoder.encode(text, images_of(record.messages[: last + 1])) if encoder is not None
+                 else tokenizer(text, add_special_tokens=False)["input_ids"])[: len(a["input_ids"])]
         at = first_difference(a["input_ids"], b)
         if at is not None:
             return [f"{where}: chat template drift at token {at}: training rendered "
@@ -125,7 +129,7 @@ def _compare_dialog(tokenizer, dialog: dict, multi_turn: str, stops: list[int]) 
     return [], [s["labels"] for s in served]
 
 
-def template_parity(tokenizer, probe: dict | None, eos_ids: list[int]) -> dict:
+def template_parity(tokenizer, probe: dict | None, eos_ids: list[int], encoder=None) -> dict:
     """Training-time renderings vs DIR's template (ids and masks), and EOS at the end of every assistant turn."""
     dialogs = recorded_dialogs(probe)
     multi_turn = (probe or {}).get("multi_turn", "as_served")
@@ -134,7 +138,7 @@ def template_parity(tokenizer, probe: dict | None, eos_ids: list[int]) -> dict:
     label_lists: list[list[int]] = []
     if dialogs:
         for dialog in dialogs:
-            found, labels = _compare_dialog(tokenizer, dialog, multi_turn, stops)
+            found, labels = _compare_dialog(tokenizer, dialog, multi_turn, stops, encoder)
             problems += found
             label_lists += labels
     else:
@@ -166,6 +170,8 @@ def is_moe(config) -> bool:
 def model_len_for(model, prompt_ids: list[list[int]], max_new_tokens: int) -> int:
     """A context just long enough for the prompts (vLLM sizes its KV cache by it), within the model's limit."""
     needed = max(len(p) for p in prompt_ids) + max_new_tokens + 16
+    if getattr(model.config, "vision_config", None) is not None:
+        needed = max(needed, 1024)  # vLLM sizes its profiling run by the largest image the processor allows
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or needed
     return min(needed, limit)
 
@@ -189,6 +195,25 @@ def compare_generations(hf: list[tuple[list[int], list[float]]], vllm: dict, hf_
             "prompt_first_difference": first_difference(hf_prompt, v_prompt),
         })
     return rows
+
+
+def directory_encoder(model_dir: Path, model, tokenizer, trust_remote_code: bool) -> ImageEncoder | None:
+    """A vision-language directory's own processor (its saved pixel limits), wired to its tokenizer."""
+    from shipyard.models.vision import is_vision_language
+
+    if not is_vision_language(model.config):
+        return None
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    processor.tokenizer = tokenizer
+    return ImageEncoder(processor)
+
+
+def served_dialog(dialog: list[dict]) -> list[dict]:
+    """A probe dialog as a client sends it to vLLM: images as OpenAI image_url parts (data: URIs)."""
+    return [{**m, "content": [{"type": "image_url", "image_url": {"url": p["image"]}} if p["type"] == "image" else p
+                              for p in m["content"]]} if isinstance(m["content"], list) else m for m in dialog]
 
 
 @dataclass
@@ -217,20 +242,25 @@ def prepare(directory: Path, *, max_new_tokens: int, trust_remote_code: bool) ->
 
     started = time.perf_counter()
     model, tokenizer = load_for_verify(model_dir, adapter=directory if adapter else None, trust_remote_code=trust_remote_code)
-    prompt_ids = [render_prompt_ids(tokenizer, d) for d in dialogs]
-    hf = [greedy(model, ids, max_new_tokens) for ids in prompt_ids]
+    encoder = directory_encoder(model_dir, model, tokenizer, trust_remote_code)
+    inputs = [prompt_inputs(tokenizer, d, encoder) for d in dialogs]
+    prompt_ids = [x["input_ids"][0].tolist() for x in inputs]
+    hf = [greedy(model, x, max_new_tokens) for x in inputs]
     report = {
         "dir": str(directory),
-        "prompts": [d[-1]["content"] for d in dialogs],
+        "prompts": [text_of(d[-1]["content"]) + (" [+image]" * len(images_of(d[-1:]))) for d in dialogs],
         "max_new_tokens": max_new_tokens,
         "transformers": {"version": transformers.__version__, "ok": True, "seconds": time.perf_counter() - started,
                          "token_ids": [t for t, _ in hf]},
         "kind": "adapter" if adapter else "model",
-        "template": template_parity(tokenizer, probe, eos_ids_of(model_dir, tokenizer)),
+        "template": template_parity(tokenizer, probe, eos_ids_of(model_dir, tokenizer), encoder),
         "training_reference": reference_check(hf, (probe or {}).get("reference")),
     }
-    job = {"model": str(model_dir), "tokenizer": str(directory), "dialogs": dialogs, "max_new_tokens": max_new_tokens,
-           "trust_remote_code": trust_remote_code, "max_model_len": model_len_for(model, prompt_ids, max_new_tokens)}
+    job = {"model": str(model_dir), "tokenizer": str(directory), "dialogs": [served_dialog(d) for d in dialogs],
+           "max_new_tokens": max_new_tokens, "trust_remote_code": trust_remote_code,
+           "max_model_len": model_len_for(model, prompt_ids, max_new_tokens)}
+    if encoder is not None:
+        job["images_per_prompt"] = max(1, max(len(images_of(d)) for d in dialogs))
     if adapter:
         report["base_model"] = str(model_dir)
         job.update(lora=str(directory), lora_rank=adapter_config["r"], moe=is_moe(model.config))

@@ -49,6 +49,8 @@ def engine_kwargs(job: dict) -> dict:
         gpu_memory_utilization=float(os.environ.get("SHIPYARD_VLLM_GPU_MEMORY_UTILIZATION", "0.3")),
         trust_remote_code=job.get("trust_remote_code", False),
     )
+    if job.get("images_per_prompt"):
+        kwargs["limit_mm_per_prompt"] = {"image": job["images_per_prompt"], "video": 0}
     if job.get("lora"):
         rank = next(r for r in LORA_RANKS if r >= job.get("lora_rank", 8))
         kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1)

@@ -1,0 +1,138 @@
+"""Images in chat records: where they are, reading them, and turning a rendered prompt into model inputs.
+
+A record names an image as a part of a message's content:
+
+    {"type": "image", "image": "shapes/0001.png"}                       path (relative: to the JSONL's folder)
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}   or a data: URI / file path
+
+Both are normalised to `{"type": "image", "image": REF}` with REF an absolute path or a data URI (what
+the processor's chat template sees as an image part, as vLLM hands it one). The chat template writes one
+placeholder per image; the model's own processor expands each placeholder into as many tokens as the
+image gets (Qwen-VL: one per 32x32 pixels after resizing into its pixel limits), which makes training
+ids token-for-token those vLLM builds for the same dialog. Pixels are computed again when a batch is
+built (`ImageEncoder.pixel_inputs`), so memory holds references, not tensors.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from shipyard.data.messages import RecordError
+
+IMAGE_PART_TYPES = ("image", "image_url")
+
+
+def resolve_image_ref(part: dict, where: str, root: Path | None) -> str:
+    """The image reference of a content part: an absolute path or a data: URI (RecordError if malformed)."""
+    if part.get("type") == "image_url":
+        url = part.get("image_url")
+        ref = url.get("url") if isinstance(url, dict) else url
+    else:
+        ref = part.get("image")
+    if not isinstance(ref, str) or not ref:
+        raise RecordError(f'{where} is an image part without a location; use {{"type": "image", "image": "path.png"}}',
+                          reason="bad_image")
+    if ref.startswith("data:"):
+        return ref
+    if ref.startswith(("http://", "https://")):
+        raise RecordError(f"{where}: image URLs are not fetched during training ({ref[:60]}); download the image "
+                          "and give its path", reason="bad_image")
+    path = Path(ref.removeprefix("file://")).expanduser()
+    if not path.is_absolute() and root is not None:
+        path = root / path
+    return str(path.resolve())
+
+
+def describe(ref: str) -> str:
+    return ref if not ref.startswith("data:") else f"{ref[:30]}... ({len(ref)} characters)"
+
+
+def open_image(ref: str, max_pixels: int | None = None) -> Image.Image:
+    """The image as RGB; RecordError naming it when it is missing, unreadable or above `max_pixels`.
+
+    The size is checked from the header, before the pixels are decoded."""
+    if ref.startswith("data:"):
+        header, _, payload = ref.partition(",")
+        if ";base64" not in header:
+            raise RecordError(f"image {describe(ref)}: only base64 data: URIs are supported", reason="bad_image")
+        try:
+            source = io.BytesIO(base64.b64decode(payload, validate=True))
+        except (binascii.Error, ValueError) as e:
+            raise RecordError(f"image {describe(ref)}: not valid base64 ({e})", reason="bad_image") from None
+    elif not Path(ref).is_file():
+        raise RecordError(f"image {ref} does not exist", reason="missing_image")
+    else:
+        source = ref
+    try:
+        with Image.open(source) as image:
+            if max_pixels and image.width * image.height > max_pixels:
+                raise RecordError(
+                    f"image {describe(ref)} is {image.width}x{image.height} pixels, above the {max_pixels:,} accepted "
+                    "(data.max_image_pixels); resize it before training, or raise the limit",
+                    reason="image_too_large",
+                )
+            image.load()
+            return image.convert("RGB")
+    except Image.DecompressionBombError as e:  # PIL's own limit, far above any sensible training image
+        raise RecordError(f"image {describe(ref)} is refused by PIL as a decompression bomb ({e})",
+                          reason="image_too_large") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        if isinstance(e, RecordError):
+            raise
+        raise RecordError(f"image {describe(ref)} cannot be read ({type(e).__name__}: {e})", reason="bad_image") from None
+
+
+def images_of(messages: list[dict]) -> list[str]:
+    """The image references of `messages` in rendering order."""
+    return [part["image"] for m in messages if isinstance(m["content"], list)
+            for part in m["content"] if part.get("type") == "image"]
+
+
+class ImageEncoder:
+    """A vision-language model's processor, as the data pipeline uses it.
+
+    `encode` turns rendered text with its images into ids with the placeholders expanded by the
+    processor itself; `pixel_inputs` builds the pixel tensors of a batch's images (in id order).
+    """
+
+    def __init__(self, processor, max_image_pixels: int | None = None):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_token = processor.image_token
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.max_image_pixels = max_image_pixels  # larger images are refused (a resize would destroy them)
+        names = getattr(processor, "model_input_names", [])
+        # Token-type ids mark image positions (Qwen3-VL: M-RoPE; Gemma 3: bidirectional image attention).
+        self.type_keys = [k for k in ("mm_token_type_ids", "token_type_ids") if k in names]
+
+    def load(self, ref: str) -> Image.Image:
+        return open_image(ref, self.max_image_pixels)
+
+    def encode(self, text: str, images: list[str]) -> list[int]:
+        placeholders = text.count(self.image_token)
+        if placeholders != len(images):
+            raise RecordError(
+                f"the chat template rendered {placeholders} image placeholder(s) ({self.image_token}) for "
+                f"{len(images)} image(s); each image part must be rendered once, and texts must not contain "
+                f"{self.image_token} themselves",
+                reason="image_placeholder_mismatch",
+            )
+        if not images:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        out = self.processor(text=[text], images=[self.load(r) for r in images], add_special_tokens=False)
+        return list(out["input_ids"][0])
+
+    def pixel_inputs(self, images: list[str]) -> dict[str, torch.Tensor]:
+        if not images:
+            return {}
+        out = self.processor.image_processor(images=[self.load(r) for r in images], return_tensors="pt")
+        return dict(out)
+
+    def type_ids(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: (input_ids == self.image_token_id).long() for k in self.type_keys}
