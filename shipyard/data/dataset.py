@@ -110,8 +110,6 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
         cfg, read_sources(cfg.train, cfg.on_error, skipped, cfg.image_root),
         read_sources(cfg.validation, cfg.on_error, skipped, cfg.image_root), seed
     )
-    if cfg.drop_images:
-        train_records, val_records = [without_images(r) for r in train_records], [without_images(r) for r in val_records]
     # Held-out means held out: a training record identical to a validation record is skipped (and counted).
     held_out = {_key(r) for r in val_records}
     if held_out:
@@ -121,6 +119,8 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
             skipped["duplicate_of_validation"] += before - len(train_records)
     if limit is not None:
         train_records, val_records = train_records[:limit], []
+    if cfg.drop_images:  # after the held-out check: the same records as with images, minus the pixels
+        train_records, val_records = [without_images(r) for r in train_records], [without_images(r) for r in val_records]
 
     turns: Counter = Counter()
     train, train_kept, truncated = tokenize_records(train_records, tokenizer, cfg, skipped, turns, stop_ids, encoder)

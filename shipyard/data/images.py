@@ -136,3 +136,17 @@ class ImageEncoder:
 
     def type_ids(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: (input_ids == self.image_token_id).long() for k in self.type_keys}
+
+
+def image_encoder(processor, cfg) -> ImageEncoder | None:
+    """The data pipeline's view of a vision-language model's processor (None for text models), with the
+    recipe's pixel limits (`cfg`: the recipe's data section) set on it."""
+    from shipyard.models.vision import apply_pixel_limits, pixel_limits
+
+    if processor is None:
+        return None
+    apply_pixel_limits(processor, cfg.min_pixels, cfg.max_pixels)
+    limit = cfg.max_image_pixels
+    if limit is None and (limits := pixel_limits(processor)):
+        limit = 16 * limits[1]
+    return ImageEncoder(processor, limit)

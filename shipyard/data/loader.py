@@ -63,9 +63,9 @@ class StepBatches:
     """
 
     def __init__(self, samples: list[Sample], plan: BatchPlan, seed: int, pad_id: int, pack_length: int | None = None,
-                 encoder: ImageEncoder | None = None):
+                 encoder: ImageEncoder | None = None, image_chunk_rows: int | None = None):
         self.samples, self.plan, self.pad_id, self.pack_length = samples, plan, pad_id, pack_length
-        self.encoder = encoder
+        self.encoder, self.image_chunk_rows = encoder, image_chunk_rows
         self.stream = IndexStream(len(samples), seed)
         self.samples_consumed = 0
 
@@ -78,7 +78,7 @@ class StepBatches:
         groups = [[self.samples[i] for i in mine[k : k + p.micro_batch_size]] for k in range(0, per_rank, p.micro_batch_size)]
         if self.pack_length:
             return [pack(group, self.pad_id, self.pack_length) for group in groups]
-        return [collate(group, self.pad_id, self.encoder) for group in groups]
+        return [collate(group, self.pad_id, self.encoder, self.image_chunk_rows) for group in groups]
 
     def state_dict(self) -> dict:
         return {"samples_consumed": self.samples_consumed}
@@ -91,11 +91,13 @@ class StepBatches:
         return self.samples_consumed / len(self.samples)
 
 
-def collate(samples: list[Sample], pad_id: int, encoder: ImageEncoder | None = None) -> dict[str, torch.Tensor]:
+def collate(samples: list[Sample], pad_id: int, encoder: ImageEncoder | None = None,
+            image_chunk_rows: int | None = None) -> dict:
     """Right-pad to the longest sample; padding is masked out of attention and loss.
 
     With `encoder` (vision-language models), the pixel inputs of the batch's images in id order, and the
-    token-type ids marking image positions."""
+    token-type ids marking image positions. With `image_chunk_rows` (pipeline parallelism), the pixel inputs
+    of each group of that many rows instead, as the list `image_chunks`: one per pipeline micro-batch."""
     width = max(len(s.input_ids) for s in samples)
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
@@ -106,7 +108,11 @@ def collate(samples: list[Sample], pad_id: int, encoder: ImageEncoder | None = N
         labels[row, :n] = torch.tensor(s.labels)
         attention_mask[row, :n] = 1
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-    if encoder is not None:
+    if encoder is not None and image_chunk_rows:
+        groups = [samples[k : k + image_chunk_rows] for k in range(0, len(samples), image_chunk_rows)]
+        batch["image_chunks"] = [encoder.pixel_inputs([ref for s in group for ref in s.images]) for group in groups]
+        batch.update(encoder.type_ids(input_ids))
+    elif encoder is not None:
         batch.update(encoder.pixel_inputs([ref for s in samples for ref in s.images]))
         if "pixel_values" in batch:
             batch.update(encoder.type_ids(input_ids))
@@ -150,7 +156,7 @@ def pack(samples: list[Sample], pad_id: int, row_length: int) -> dict[str, torch
 
 
 def eval_batches(samples: list[Sample], batch_size: int, pad_id: int, dp_rank: int = 0, dp_size: int = 1,
-                 encoder: ImageEncoder | None = None):
+                 encoder: ImageEncoder | None = None, image_chunk_rows: int | None = None):
     """Validation micro-batches for one rank: a strided share of the samples, in order.
 
     Every rank yields the same number of batches (sharded models run collectives in each forward); a rank
@@ -162,4 +168,4 @@ def eval_batches(samples: list[Sample], batch_size: int, pad_id: int, dp_rank: i
         chunk = mine[k : k + batch_size]
         if not chunk:
             chunk = [Sample(samples[0].input_ids, [IGNORE_INDEX] * len(samples[0].input_ids), images=samples[0].images)]
-        yield collate(chunk, pad_id, encoder)
+        yield collate(chunk, pad_id, encoder, image_chunk_rows)

@@ -8,12 +8,14 @@ it shows is what a run trains on: mask bugs are invisible in loss curves.
 from __future__ import annotations
 
 import json
+import re
 from typing import TextIO
 
 from shipyard.config import Recipe
 from shipyard.data.chat import IGNORE_INDEX, Sample, eos_token_ids
 from shipyard.data.dataset import Datasets, build_datasets
-from shipyard.models.load import base_eos, load_tokenizer, resolve_source
+from shipyard.data.images import describe, image_encoder
+from shipyard.models.load import base_eos, load_processor, load_tokenizer, resolve_source
 
 HIGHLIGHT = ("\x1b[30;42m", "\x1b[0m")  # supervised tokens: black on green
 BRACKETS = ("[[", "]]")  # the same, where colour cannot be shown
@@ -24,12 +26,21 @@ def preview_datasets(recipe: Recipe, limit: int):
     source = resolve_source(recipe.model.path)
     tokenizer = load_tokenizer(recipe.model, source, recipe.data.chat_template_kwargs)
     stop_ids = eos_token_ids(tokenizer, base_eos(recipe.model, source))
-    return tokenizer, build_datasets(recipe.data, tokenizer, recipe.seed, limit=limit, stop_ids=stop_ids)
+    encoder = image_encoder(load_processor(recipe.model, source, tokenizer), recipe.data)
+    return tokenizer, build_datasets(recipe.data, tokenizer, recipe.seed, limit=limit, stop_ids=stop_ids, encoder=encoder)
 
 
 def sample_json(sample: Sample) -> str:
     return json.dumps({"source": sample.source, "turns": list(sample.turns), "input_ids": sample.input_ids,
-                       "labels": sample.labels})
+                       "labels": sample.labels, "images": [describe(r) for r in sample.images]})
+
+
+_REPEATED_TOKEN = re.compile(r"(<[^<>\s]{1,40}>)\1{2,}")
+
+
+def _collapse_repeats(text: str) -> str:
+    """`<|image_pad|>` x 64 instead of 64 copies: an image's tokens, counted."""
+    return _REPEATED_TOKEN.sub(lambda m: f"{m.group(1)}x{len(m.group(0)) // len(m.group(1))}", text)
 
 
 def highlighted(tokenizer, sample: Sample, marks: tuple[str, str]) -> str:
@@ -46,7 +57,7 @@ def highlighted(tokenizer, sample: Sample, marks: tuple[str, str]) -> str:
     if run:
         text = tokenizer.decode(run)
         out.append(f"{marks[0]}{text}{marks[1]}" if supervised else text)
-    return "".join(out)
+    return _collapse_repeats("".join(out))
 
 
 def print_preview(tokenizer, recipe: Recipe, data: Datasets, limit: int, stream: TextIO, color: bool) -> None:
@@ -58,7 +69,8 @@ def print_preview(tokenizer, recipe: Recipe, data: Datasets, limit: int, stream:
         print(f"chat_template_kwargs (template defaults): {recipe.data.chat_template_kwargs}", file=stream)
     for n, sample in enumerate(data.train, start=1):
         print(f"\n--- sample {n}: {sample.source}, assistant turns {list(sample.turns)}, "
-              f"{len(sample.input_ids)} tokens, {sample.num_targets} supervised", file=stream)
+              f"{len(sample.input_ids)} tokens, {sample.num_targets} supervised"
+              + (f", images: {', '.join(describe(r) for r in sample.images)}" if sample.images else ""), file=stream)
         print(highlighted(tokenizer, sample, marks), file=stream)
     print(f"\nassistant turns: {data.turns_report()}", file=stream)
     print(f"skipped records: {data.skipped.report()}; truncated samples: {data.truncated}", file=stream)

@@ -31,6 +31,8 @@ from shipyard.errors import ShipyardError
 from shipyard.export.hf import clean_name, tied_aliases
 from shipyard.parallel.fsdp import decoder_layers
 from shipyard.parallel.topology import Topology
+from shipyard.models.vision import is_vision_language
+from shipyard.parallel.vlm_stages import build_vlm_stage, multimodal_positions, validate_vlm
 from shipyard.train.loss import _logit_transform, chunked_cross_entropy
 
 ALTERNATIVES = "use data parallelism instead (parallel.pp=1 with FSDP2, activation checkpointing to save memory)"
@@ -74,12 +76,21 @@ def validate(model: nn.Module, cfg: ParallelConfig) -> list[list[int]]:
             f"{name} ties weights other than its input and output embeddings ({pairs}); only that tie is kept "
             f"in sync across pipeline stages. Untie them or {ALTERNATIVES}"
         )
-    return stage_layer_ids(n_layers, n_stages, cfg.pp_split)
+    stages = stage_layer_ids(n_layers, n_stages, cfg.pp_split)
+    if is_vision_language(model.config):
+        if ties_embeddings(model):
+            raise ShipyardError(f"{name} ties its input and output embeddings; pipelining a vision-language model "
+                                f"with tied embeddings is not supported yet: {ALTERNATIVES}")
+        validate_vlm(model, len(stages[0]))
+    return stages
 
 
 def ties_embeddings(model: nn.Module) -> bool:
     """Whether the LM head is the input embedding's very Parameter (tie_word_embeddings, as loaded)."""
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    try:
+        head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # a stage without them
+        return False
     return head is not None and embed is not None and head.weight is embed.weight
 
 
@@ -121,13 +132,17 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
     return clone
 
 
-def build_stage(model: nn.Module, layer_ids: list[int], first: bool, last: bool) -> nn.Module:
+def build_stage(model: nn.Module, layer_ids: list[int], first: bool, last: bool, blank_image: dict | None = None
+                ) -> nn.Module:
     """A stage: a shallow copy of `model` holding only its parts; submodules are shared, not copied.
 
     With tied embeddings the first and last stages keep both the embedding and the LM head module:
     they hold one Parameter, and keeping both names makes the stage's state dict (and checkpoint keys,
     and tied aliases) exactly those of the whole model, so the weight is saved once, as HF expects.
+    A vision-language model's stages are built in parallel/vlm_stages.py (vision on stage 0).
     """
+    if is_vision_language(model.config):
+        return build_vlm_stage(model, layer_ids, first, last, blank_image)
     stage = _shallow_copy(model)
     inner = _shallow_copy(model.get_decoder())
     layers = decoder_layers(model)
@@ -208,11 +223,13 @@ class PipelineRunner:
     """
 
     def __init__(self, parts: list[nn.Module], stage_ids: list[int], n_stages: int, topo: Topology,
-                 cfg: ParallelConfig, device: torch.device, chunk_size: int, seq_len: int, rows: int, pad_id: int):
+                 cfg: ParallelConfig, device: torch.device, chunk_size: int, seq_len: int, rows: int, pad_id: int,
+                 type_keys: tuple[str, ...] = ()):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
         self.parts, self.topo, self.chunk_size, self.seq_len, self.pad_id = parts, topo, chunk_size, seq_len, pad_id
         self.rows, self.n_micro = rows, cfg.pp_microbatches
+        self.type_keys = type_keys  # image-position ids of a vision-language model's batches
         if rows % self.n_micro:
             raise ShipyardError(
                 f"train.micro_batch_size ({rows}) must be a multiple of parallel.pp_microbatches ({self.n_micro})"
@@ -224,9 +241,11 @@ class PipelineRunner:
         self.stages = [
             PipelineStage(part, s, n_stages, device, group=topo.pp_group) for part, s in zip(parts, stage_ids)
         ]
-        head = next((p.get_output_embeddings() for p, s in zip(parts, stage_ids) if s == n_stages - 1), None)
+        # (get_output_embeddings asks for the input embeddings too, which a VLM's last stage does not hold)
+        head = next((getattr(p, "lm_head", None) or p.get_output_embeddings() for p, s in zip(parts, stage_ids)
+                     if s == n_stages - 1), None)
         self._head = head
-        self._transform = _logit_transform(parts[-1].config)
+        self._transform = _logit_transform(parts[-1].config.get_text_config())
         self._tied = next((p.get_input_embeddings().weight for p in parts if ties_embeddings(p)), None)
         # The gradient norm counts the tied weight once, on the first stage; the last stage's copy is the same.
         self.held_elsewhere = frozenset({id(self._tied)} if self._tied is not None and not self.has_first else ())
@@ -253,20 +272,39 @@ class PipelineRunner:
             raise ShipyardError(f"a batch has {rows} rows, more than train.micro_batch_size ({self.rows})")
         fill = self.rows - rows
         pad = (0, self.seq_len - length, 0, fill)
-        return {
+        padded = {
             "input_ids": F.pad(batch["input_ids"], pad, value=self.pad_id),
             "labels": F.pad(batch["labels"], pad, value=IGNORE_INDEX),
             "attention_mask": F.pad(F.pad(batch["attention_mask"], (0, 0, 0, fill), value=1), (0, self.seq_len - length), value=0),
         }
+        for key in self.type_keys:
+            padded[key] = F.pad(batch[key], pad, value=0)
+        if "image_chunks" in batch:  # filler rows come last and hold no images
+            padded["image_chunks"] = batch["image_chunks"] + [{}] * (self.n_micro - len(batch["image_chunks"]))
+        return padded
+
+    def _image_kwargs(self, batch: dict, device) -> dict[str, torch.Tensor]:
+        """A vision-language batch's extra stage inputs; its pixel inputs go to stage 0 by micro-batch index."""
+        chunks = [{k: v.to(device) for k, v in c.items()} for c in batch.pop("image_chunks")]
+        for part in self.parts:
+            part._pp_images = chunks
+        per_chunk = self.rows // self.n_micro
+        kwargs = {"chunk_index": torch.arange(self.n_micro, device=device).repeat_interleave(per_chunk)}
+        kwargs.update({key: batch[key] for key in self.type_keys})
+        positions = multimodal_positions(self.parts[0], batch, chunks, per_chunk, next(iter(self.type_keys), None))
+        if positions is not None:
+            kwargs["position_ids"] = positions.transpose(0, 1)  # rows first: the schedule splits inputs by rows
+        return kwargs
 
     def _run(self, batch: dict[str, torch.Tensor], device, train: bool) -> None:
-        batch = {k: v.to(device) for k, v in self._pad(batch).items()}
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self._pad(batch).items()}
+        extra = self._image_kwargs(batch, device) if "image_chunks" in batch else {}
         args = (batch["input_ids"],) if self.has_first else ()
         run = self.schedule.step if train else self.schedule.eval
         # The schedule reports each micro-batch's loss; on the first step a stage also runs a shape-inference
         # forward whose values are meaningless, so the loss is read from here, not from inside the loss function.
         losses: list[torch.Tensor] = []
-        run(*args, target=batch["labels"], losses=losses, attention_mask=batch["attention_mask"])
+        run(*args, target=batch["labels"], losses=losses, attention_mask=batch["attention_mask"], **extra)
         if self.has_last:
             self.loss_sum += sum(loss.detach() for loss in losses) / self.scale
 

@@ -29,6 +29,7 @@ from torch import nn
 from shipyard.config import LoraConfig
 from shipyard.errors import ShipyardError, did_you_mean
 from shipyard.export.hf import clean_name
+from shipyard.models.vision import is_vision_language, parameter_groups
 
 PEFT_PREFIX = "base_model.model."
 _FUSED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -64,6 +65,10 @@ def resolve_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
                 f"candidates: {', '.join(leaf_names)} (names, dotted paths like model.layers.0.mlp.up_proj, or globs)"
             )
     chosen = [n for n in linears if any(_matches(p, n) for p in patterns)]
+    if cfg.target_modules == "all-linear" and is_vision_language(model.config):
+        # A vision-language model's LoRA adapts its language model; name vision layers to adapt them too.
+        language = {n.rsplit(".", 1)[0] for n in parameter_groups(model)["language_model"]}
+        chosen = [n for n in chosen if n in language]
     return [n for n in chosen if not any(_matches(p, n) for p in cfg.exclude_modules)]
 
 
@@ -140,7 +145,17 @@ def adapter_target_modules(module_names: list[str], model_module_names: set[str]
     return sorted(out)
 
 
-def peft_config_dict(cfg: LoraConfig, targets: list[str], trainable: list[str], base_name: str, model_names: set[str]) -> dict:
+def peft_target_modules(targets: list[str], model_names: set[str], other_linears: list[str]) -> list[str] | str:
+    """Projection names (`q_proj`), or, when a name is also used by linears left alone (a vision tower's
+    q_proj beside the language model's), a regex of the exact module paths, which PEFT matches in full."""
+    leaves = adapter_target_modules(targets, model_names)
+    if not {n.rsplit(".", 1)[-1] for n in other_linears} & set(leaves):
+        return leaves
+    return "^(" + "|".join(re.escape(clean_name(t)) for t in sorted(targets)) + ")$"
+
+
+def peft_config_dict(cfg: LoraConfig, targets: list[str], trainable: list[str], base_name: str, model_names: set[str],
+                     other_linears: list[str] = ()) -> dict:
     """The minimal adapter_config.json Hugging Face PEFT and vLLM need."""
     return {
         "peft_type": "LORA",
@@ -148,7 +163,7 @@ def peft_config_dict(cfg: LoraConfig, targets: list[str], trainable: list[str], 
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
-        "target_modules": adapter_target_modules(targets, model_names),
+        "target_modules": peft_target_modules(targets, model_names, list(other_linears)),
         "modules_to_save": sorted({n.rsplit(".", 1)[-1] for n in trainable}) or None,
         "use_rslora": cfg.use_rslora,
         "bias": "none",

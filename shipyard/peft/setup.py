@@ -11,7 +11,7 @@ from shipyard.config import Recipe
 from shipyard.export.hf import ModelMeta, clean_name, tied_aliases, write_hf_metadata, write_weights
 from shipyard.fsutil import publish
 from shipyard.parallel.dist import DistInfo, barrier
-from shipyard.peft.lora import apply_lora, peft_config_dict, resolve_trainable
+from shipyard.peft.lora import apply_lora, linear_modules, peft_config_dict, resolve_trainable
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,9 @@ def setup_lora(model, recipe: Recipe, meta: ModelMeta, source, dist_info: DistIn
         base_name = str(source.local_dir) if source.local_dir else source.name
     meta.base_name = base_name
     model_names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    linears = list(linear_modules(model))
     targets = apply_lora(model, recipe.lora, recipe.seed)
+    others = [n for n in linears if n not in set(targets)]
     trainable = resolve_trainable(model, recipe.lora)
     unadapted = unadaptable_weights(model, trainable)
     if unadapted:
@@ -42,7 +44,7 @@ def setup_lora(model, recipe: Recipe, meta: ModelMeta, source, dist_info: DistIn
             "or fine-tune without LoRA.", len(targets), ", ".join(sorted({t.rsplit(".", 1)[-1] for t in targets})),
             len(unadapted), _summarise(unadapted))
     return {
-        "peft_config": peft_config_dict(recipe.lora, targets, trainable, base_name, model_names),
+        "peft_config": peft_config_dict(recipe.lora, targets, trainable, base_name, model_names, others),
         "lora_meta": {**recipe.lora.model_dump(mode="json"), "adapted_modules": targets, "trainable_modules": trainable,
                       "not_adapted": unadapted},
     }

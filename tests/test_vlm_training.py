@@ -1,0 +1,128 @@
+"""Vision-language training: frozen parts stay bit-identical, LoRA loads in PEFT, FSDP2 equals one process.
+
+Runs use the tiny Qwen3-VL preset on the package's synthetic shapes task plus text-only records (a mixed
+dataset is the common case, and text-only micro-batches take the vision-idle path).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
+from transformers import AutoModelForImageTextToText
+
+from shipyard.config import load_recipe
+from shipyard.data.synthetic import reverse_words
+from shipyard.data.synthetic_images import shapes
+from shipyard.models.load import load
+from shipyard.models.vision import parameter_groups
+from shipyard.train.loop import train
+from tests.conftest import assert_close_trajectory, losses, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """Image records with text-only ones mixed in, and image-only validation records."""
+    root = tmp_path_factory.mktemp("vlm-data")
+    records = shapes(96, 0)
+    records[::4] = reverse_words(24, 0)  # every fourth record is text-only
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (root / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in shapes(8, 1)))
+    return {"train": root / "train.jsonl", "val": root / "val.jsonl"}
+
+
+def overrides(out: Path, data: dict, steps: int, *extra: str, batch: int = 8) -> list[str]:
+    return [f"output_dir={out}", f"train.max_steps={steps}", f"train.micro_batch_size={batch}",
+            f"data.train={data['train']}", f"data.validation={data['val']}", "checkpoint.every_steps=null",
+            "eval.generate=false", "optim.warmup_steps=2", *extra]
+
+
+@pytest.fixture(scope="module")
+def base(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("vlm") / "base"
+    train(load_recipe("quickstart_vlm", overrides(out, data, 30)))
+    return out / "final"
+
+
+def test_frozen_vision_tower_is_bit_identical_and_has_no_optimizer_state(data, tmp_path):
+    recipe = load_recipe("quickstart_vlm", overrides(tmp_path / "run", data, 6, "model.freeze=[vision_tower]"))
+    initial, _, _ = load(recipe.model, recipe.seed)
+    groups = parameter_groups(initial)
+    before = {k: v.clone() for k, v in initial.state_dict().items()}
+    result = train(recipe)
+    after = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert groups["vision_tower"] and groups["projector"]
+    for name in groups["vision_tower"]:
+        assert torch.equal(after[name], before[name]), name
+    changed = [n for n in groups["projector"] + groups["language_model"] if not torch.equal(after[n], before[n])]
+    assert len(changed) > 0.9 * len(groups["projector"] + groups["language_model"])
+    assert all(p.grad is None for n, p in result.model.named_parameters() if n in groups["vision_tower"])
+    step = tmp_path / "run" / "checkpoints" / "step_6" / "shipyard" / "optimizer"
+    keys = FileSystemReader(step).read_metadata().state_dict_metadata
+    tower = [k for k in keys if any(n in k for n in groups["vision_tower"])]
+    assert tower == [] and any("merger" in k for k in keys)
+
+
+def test_lora_adapts_the_language_model_and_loads_in_peft(base, data, tmp_path):
+    from peft import PeftModel
+
+    from shipyard.data.images import ImageEncoder
+    from shipyard.data.messages import normalise_record
+    from shipyard.verify.hf_greedy import prompt_inputs
+    from transformers import AutoProcessor
+
+    result = train(load_recipe("quickstart_vlm", overrides(tmp_path / "lora", data, 10, f"model.path={base}",
+                                                           "lora={r: 8, alpha: 16}", "optim.lr=3e-3")))
+    final = tmp_path / "lora" / "final"
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    adapted = json.loads((final / "shipyard_lora.json").read_text())["adapted_modules"]
+    assert len(adapted) == 2 * 7 and all(n.startswith("model.language_model.layers.") for n in adapted)
+
+    processor = AutoProcessor.from_pretrained(base)
+    record = normalise_record(shapes(1, 7)[0], "probe")
+    inputs = prompt_inputs(processor.tokenizer, record.messages[:1], ImageEncoder(processor))
+    with torch.no_grad():
+        ours = result.model.eval()(**inputs).logits
+        plain = AutoModelForImageTextToText.from_pretrained(base).eval()
+        base_logits = plain(**inputs).logits
+        theirs = PeftModel.from_pretrained(plain, final).eval()(**inputs).logits
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=0), (ours - theirs).abs().max()
+    assert (ours - base_logits).abs().max() > 1e-3  # the adapter changed the model
+
+
+@pytest.mark.distributed
+def test_fsdp_two_ranks_equal_one_rank(data, tmp_path):
+    """Global batch 8 either way; text-only micro-batches on one rank run the vision tower on a blank image."""
+    for ranks in (1, 2):
+        args = overrides(tmp_path / f"r{ranks}", data, 8, "optim.lr=1e-3", batch=8 // ranks)
+        proc = run_cli("train", "quickstart_vlm", *args, *(["--nproc-per-node", "2"] if ranks == 2 else []))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert_close_trajectory(losses(tmp_path / "r1"), losses(tmp_path / "r2"), 8)
+    a = load_file(tmp_path / "r1" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "r2" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-5), name
+
+
+@pytest.mark.distributed
+def test_pipeline_two_stages_equal_one_process(data, tmp_path):
+    """Stage 0 runs the vision tower, projector and decoder layer 0 (with deepstack); stage 1 sees hidden states."""
+    for pp in (1, 2):
+        args = overrides(tmp_path / f"pp{pp}", data, 6, "optim.lr=1e-3", "parallel.pp_microbatches=4")
+        extra = ["parallel.pp=2", "--nproc-per-node", "2"] if pp == 2 else []
+        proc = run_cli("train", "quickstart_vlm", *args, *extra)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert_close_trajectory(losses(tmp_path / "pp1"), losses(tmp_path / "pp2"), 6)
+    a = load_file(tmp_path / "pp1" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "pp2" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-5), name
