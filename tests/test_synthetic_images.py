@@ -19,11 +19,11 @@ def records():
 
 def question_answer(record: dict) -> tuple[str, str]:
     user, assistant = record["messages"]
-    return user["content"][1]["text"], assistant["content"]
+    return next(p["text"] for p in user["content"] if p["type"] == "text"), assistant["content"]
 
 
 def image_of(record: dict) -> Image.Image:
-    uri = record["messages"][0]["content"][0]["image"]
+    uri = next(p["image"] for p in record["messages"][0]["content"] if p["type"] == "image")
     prefix = "data:image/png;base64,"
     assert uri.startswith(prefix)
     return Image.open(io.BytesIO(base64.b64decode(uri[len(prefix) :])))
@@ -85,7 +85,7 @@ def test_deterministic_and_record_k_independent_of_num_records(records):
 def test_record_shape(records):
     user, assistant = records[0]["messages"]
     assert user["role"] == "user" and assistant["role"] == "assistant"
-    assert [part["type"] for part in user["content"]] == ["image", "text"]
+    assert [part["type"] for part in user["content"]] == ["text", "image"]  # the question first
     assert isinstance(assistant["content"], str)
     image = image_of(records[0])
     assert image.format == "PNG" and image.size == (64, 64) and image.mode == "RGB"
@@ -100,12 +100,13 @@ def test_answers_match_the_pictures(records):
 
 
 def test_jitter_makes_pictures_differ(records):
-    uris = Counter(record["messages"][0]["content"][0]["image"] for record in records[:300])
+    uris = Counter(next(p["image"] for p in record["messages"][0]["content"] if p["type"] == "image")
+                   for record in records[:300])
     repeated = [uri for uri, count in uris.items() if count > 1]
     # Only the all-empty picture (~2.6% of records) may repeat; any shape is jittered in place and size.
     assert len(repeated) <= 1
     for uri in repeated:
-        assert image_of({"messages": [{"content": [{"image": uri}]}]}).getextrema() == ((255, 255),) * 3
+        assert image_of({"messages": [{"content": [{"type": "image", "image": uri}]}]}).getextrema() == ((255, 255),) * 3
 
 
 def test_text_only_guessing_does_badly(records):

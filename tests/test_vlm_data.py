@@ -274,7 +274,7 @@ BAD = {
 
 
 def vlm_setup(tmp_path: Path, lines: list[dict | None], on_error: str):
-    from shipyard.train.loop import image_encoder
+    from shipyard.data.images import image_encoder
 
     imgs = tmp_path / "imgs"
     png(imgs / "ok.png", 64, 64)
@@ -285,7 +285,7 @@ def vlm_setup(tmp_path: Path, lines: list[dict | None], on_error: str):
                                             f"data.on_error={on_error}", "data.max_length=512",
                                             f"output_dir={tmp_path / 'run'}"])
     processor = qwen3_vl()[1]
-    encoder = image_encoder(processor, recipe)
+    encoder = image_encoder(processor, recipe.data)
     assert encoder.max_image_pixels == 262144 and pixel_limits(processor) == (4096, 16384)
     return path, recipe, processor.tokenizer, encoder
 
