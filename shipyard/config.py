@@ -68,8 +68,9 @@ class DataSource(Section):
     """One dataset: a JSONL file / `datasets`-readable file, or a built-in synthetic task."""
 
     path: str | None = Field(None, description="JSONL file (or .json/.parquet/.csv read through `datasets`).")
-    synthetic: Literal["reverse_words", "sort_words", "shapes"] | None = Field(
-        None, description="Built-in generated task (shapes: questions about coloured shapes in 64x64 images)."
+    synthetic: Literal["reverse_words", "sort_words", "shapes", "shapes_mixed"] | None = Field(
+        None, description="Built-in generated task (shapes: 'What is at the top left?' about coloured shapes in "
+        "64x64 images; shapes_mixed: also counting and 'Where is ...?', harder)."
     )
     num_records: int = Field(10_000, gt=0, description="Records to generate (synthetic only).")
     seed: int = Field(0, description="Generator seed (synthetic only).")

@@ -53,9 +53,15 @@ def sort_words(num_records: int, seed: int) -> list[dict]:
 
 
 def _shapes(num_records: int, seed: int) -> list[dict]:
-    from shipyard.data.synthetic_images import shapes  # PIL: imported only when the image task is used
+    from shipyard.data.synthetic_images import shapes  # PIL: imported only when an image task is used
 
     return shapes(num_records, seed)
 
 
-GENERATORS = {"reverse_words": reverse_words, "sort_words": sort_words, "shapes": _shapes}
+def _shapes_mixed(num_records: int, seed: int) -> list[dict]:
+    from shipyard.data.synthetic_images import shapes_mixed
+
+    return shapes_mixed(num_records, seed)
+
+
+GENERATORS = {"reverse_words": reverse_words, "sort_words": sort_words, "shapes": _shapes, "shapes_mixed": _shapes_mixed}

@@ -1,8 +1,9 @@
 """Synthetic vision-language task for the tiny-VLM quickstart: questions about coloured shapes.
 
 Each record is a 64x64 picture of up to four filled shapes in a 2x2 grid and one
-question about it ("What is at the top left?", "How many red shapes are
-there?", "How many circles are there?", "Where is the green triangle?"). The
+question about it: "What is at the top left?" for the quickstart (`shapes`), or
+also "How many red shapes are there?", "How many circles are there?" and
+"Where is the green triangle?" (`shapes_mixed`, harder to learn). The
 answers are spread out so that a model which ignores the image cannot do well
 (guessing the most common answer per question scores under 40%), and they are
 easy to check by eye. Deterministic: record k depends only on (seed, k), so
@@ -24,8 +25,12 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
 SHAPES = ("circle", "square", "triangle")
 BACKGROUND = (255, 255, 255)
 P_FILLED = 0.6
-MIN_SIZE, MAX_SIZE, JITTER = 18, 24, 3  # a 24 px shape jittered by 3 px still fits its 32 px cell
+MIN_SIZE, MAX_SIZE, JITTER = 22, 28, 2  # a 28 px shape jittered by 2 px still fits its 32 px cell
 QUESTION_KINDS = ("what", "count_colour", "count_shape", "where")
+# The quickstart asks "What is at the ...?" only: its tiny model learns that in ~2,500 steps (the loss drops
+# sharply between steps 2,000 and 2,500 at lr 2e-3); with counting and "Where is" mixed in, it stayed
+# below 60% after 4,000 steps.
+QUICKSTART_KINDS = ("what",)
 COUNT_WEIGHT = 6  # see counted_value
 
 Layout = list[tuple[str, str] | None]  # per cell (colour, shape), or None when empty
@@ -81,11 +86,11 @@ def counted_value(layout: Layout, index: int, values: tuple[str, ...], rng: rand
     return rng.choices(values, weights)[0]
 
 
-def ask(layout: Layout, rng: random.Random) -> tuple[str, str]:
-    """One (question, answer) about the layout, the kind chosen uniformly."""
-    kind = rng.choice(QUESTION_KINDS)
+def ask(layout: Layout, rng: random.Random, kinds: tuple[str, ...] = QUESTION_KINDS) -> tuple[str, str]:
+    """One (question, answer) about the layout, the kind chosen uniformly among `kinds`."""
+    kind = rng.choice(kinds)
     if kind == "where" and not unique_items(layout):
-        kind = rng.choice(QUESTION_KINDS[:-1])
+        kind = rng.choice([k for k in kinds if k != "where"] or ["what"])
     if kind == "what":
         # Half the time ask about a filled cell: asking uniformly would make "nothing" 40% of the answers.
         filled = [cell for cell, item in enumerate(layout) if item is not None]
@@ -104,10 +109,10 @@ def ask(layout: Layout, rng: random.Random) -> tuple[str, str]:
     return f"Where is the {' '.join(item)}?", CELLS[layout.index(item)]
 
 
-def shapes_record(rng: random.Random) -> dict:
+def shapes_record(rng: random.Random, kinds: tuple[str, ...] = QUESTION_KINDS) -> dict:
     layout = random_layout(rng)
     image = draw_layout(layout, rng)
-    question, answer = ask(layout, rng)
+    question, answer = ask(layout, rng, kinds)
     return {
         "messages": [
             {
@@ -127,5 +132,11 @@ def record_rng(seed: int, index: int) -> random.Random:
 
 
 def shapes(num_records: int, seed: int) -> list[dict]:
+    """The quickstart task: "What is at the top left?" -> "red circle" (or "nothing")."""
+    return [shapes_record(record_rng(seed, k), QUICKSTART_KINDS) for k in range(num_records)]
+
+
+def shapes_mixed(num_records: int, seed: int) -> list[dict]:
+    """All four question kinds (what, how many of a colour / a shape, where): a harder task."""
     return [shapes_record(record_rng(seed, k)) for k in range(num_records)]
 

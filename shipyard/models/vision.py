@@ -116,12 +116,13 @@ def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
 
 
 def pixel_limits(processor) -> tuple[int, int] | None:
-    """(min, max) pixels of a Qwen-VL-style image processor (size = shortest_edge/longest_edge in pixels)."""
-    size = getattr(getattr(processor, "image_processor", None), "size", None)
-    if size is None or not getattr(processor.image_processor, "merge_size", None):
+    """(min, max) pixels of a Qwen-VL-style image processor (its size is shortest_edge/longest_edge in pixels)."""
+    image_processor = getattr(processor, "image_processor", None)
+    size = getattr(image_processor, "size", None)
+    if size is None or not getattr(image_processor, "merge_size", None):
         return None
-    lo, hi = size.get("shortest_edge") if hasattr(size, "get") else None, size.get("longest_edge") if hasattr(size, "get") else None
-    return (lo, hi) if lo and hi else None
+    low, high = size.get("shortest_edge"), size.get("longest_edge")
+    return (low, high) if low and high else None
 
 
 def apply_pixel_limits(processor, min_pixels: int | None, max_pixels: int | None) -> None:

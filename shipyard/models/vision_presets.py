@@ -54,8 +54,7 @@ def _tokenizer(tokens: list[str], template: str, eos: str | None = None):
 
 
 def _text(**overrides) -> dict:
-    import os
-    return dict(vocab_size=VISION_VOCAB, hidden_size=128, intermediate_size=384, num_hidden_layers=int(os.environ.get("XL", 2)),
+    return dict(vocab_size=VISION_VOCAB, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                 num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
                 initializer_range=0.02, tie_word_embeddings=False, pad_token_id=0, **overrides)
 
@@ -70,7 +69,7 @@ def qwen3_vl() -> tuple[PretrainedConfig, object]:
     ids = {t: tok.convert_tokens_to_ids(t) for t in vision_tokens}
     config = Qwen3VLConfig(
         # mrope_section sums to head_dim / 2; interleaved like the published Qwen3-VL models.
-        text_config=_text(rope_parameters={"rope_type": "default", "rope_theta": float(__import__("os").environ.get("XT", 5e6)), "mrope_section": [12, 10, 10],
+        text_config=_text(rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [12, 10, 10],
                                            "mrope_interleaved": True}, eos_token_id=tok.eos_token_id),
         vision_config=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, patch_size=16,
                            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128,
