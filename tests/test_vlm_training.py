@@ -31,7 +31,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
     """Image records with text-only ones mixed in, and image-only validation records."""
     root = tmp_path_factory.mktemp("vlm-data")
     records = shapes(96, 0)
-    records[::4] = reverse_words(24, 0)  # every fourth record is text-only
+    records[::2] = reverse_words(48, 0)  # every other record is text-only
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (root / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in shapes(8, 1)))
     return {"train": root / "train.jsonl", "val": root / "val.jsonl"}
@@ -41,6 +41,29 @@ def overrides(out: Path, data: dict, steps: int, *extra: str, batch: int = 8) ->
     return [f"output_dir={out}", f"train.max_steps={steps}", f"train.micro_batch_size={batch}",
             f"data.train={data['train']}", f"data.validation={data['val']}", "checkpoint.every_steps=null",
             "eval.generate=false", "optim.warmup_steps=2", *extra]
+
+
+def assert_same_run(reference, run, steps: int) -> None:
+    """Per-step losses and validation loss within 1e-5 relative; the exports hold the same tensors and give the
+    same logits on an image prompt (raw weights are not compared: Adam turns 1e-7 differences in near-zero
+    gradients, from summing in another order, into lr-sized steps of single elements)."""
+    from transformers import AutoProcessor
+
+    from shipyard.data.images import ImageEncoder
+    from shipyard.data.messages import normalise_record
+    from shipyard.verify.hf_greedy import prompt_inputs
+
+    assert_close_trajectory(losses(reference), losses(run), steps)
+    want, got = (json.loads((d / "summary.json").read_text())["eval"] for d in (reference, run))
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    a, b = (load_file(d / "final" / "model.safetensors") for d in (reference, run))
+    assert a.keys() == b.keys()
+    processor = AutoProcessor.from_pretrained(reference / "final")
+    inputs = prompt_inputs(processor.tokenizer, normalise_record(shapes(1, 7)[0], "probe").messages[:1],
+                           ImageEncoder(processor))
+    with torch.no_grad():
+        logits = [AutoModelForImageTextToText.from_pretrained(d / "final")(**inputs).logits for d in (reference, run)]
+    assert torch.allclose(logits[0], logits[1], rtol=1e-4, atol=1e-4), (logits[0] - logits[1]).abs().max()
 
 
 @pytest.fixture(scope="module")
@@ -99,17 +122,13 @@ def test_lora_adapts_the_language_model_and_loads_in_peft(base, data, tmp_path):
 
 @pytest.mark.distributed
 def test_fsdp_two_ranks_equal_one_rank(data, tmp_path):
-    """Global batch 8 either way; text-only micro-batches on one rank run the vision tower on a blank image."""
+    """Global batch 4 either way. Half the records are text-only, so some 2-sample micro-batches hold no image:
+    that rank runs the vision tower on a blank image while the other runs it on real ones."""
     for ranks in (1, 2):
-        args = overrides(tmp_path / f"r{ranks}", data, 8, "optim.lr=1e-3", batch=8 // ranks)
+        args = overrides(tmp_path / f"r{ranks}", data, 8, "optim.lr=1e-3", batch=4 // ranks)
         proc = run_cli("train", "quickstart_vlm", *args, *(["--nproc-per-node", "2"] if ranks == 2 else []))
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert_close_trajectory(losses(tmp_path / "r1"), losses(tmp_path / "r2"), 8)
-    a = load_file(tmp_path / "r1" / "final" / "model.safetensors")
-    b = load_file(tmp_path / "r2" / "final" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-5), name
+    assert_same_run(tmp_path / "r1", tmp_path / "r2", 8)
 
 
 @pytest.mark.distributed
@@ -120,9 +139,4 @@ def test_pipeline_two_stages_equal_one_process(data, tmp_path):
         extra = ["parallel.pp=2", "--nproc-per-node", "2"] if pp == 2 else []
         proc = run_cli("train", "quickstart_vlm", *args, *extra)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert_close_trajectory(losses(tmp_path / "pp1"), losses(tmp_path / "pp2"), 6)
-    a = load_file(tmp_path / "pp1" / "final" / "model.safetensors")
-    b = load_file(tmp_path / "pp2" / "final" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-5), name
+    assert_same_run(tmp_path / "pp1", tmp_path / "pp2", 6)

@@ -10,18 +10,21 @@ module finds its parts by the names transformers gives them:
 - the processor's pixel limits, set from the recipe before tokenizing and
   saved with the export, so vLLM expands each image into as many tokens as
   training did;
-- `vision_idle_loss`: a zero that depends on every vision parameter, for
-  batches without images. FSDP2 gathers the vision blocks' weights inside
-  their forward, so every rank must run them in every micro-batch, and a rank
-  whose batch is text-only runs them on a blank image; every run (one rank or
-  many) does the same, so the vision weights get a (zero) gradient in every
-  step and the optimizer treats them the same whatever the world size.
+- `vision_on_blank_image`: for batches without images. FSDP2 gathers the
+  vision blocks' weights inside their forward, so every rank must run them in
+  every micro-batch, and at the same point (collectives pair up in order): a
+  rank whose batch is text-only runs them on a blank image just before the
+  language model, where an image batch runs them, and adds 0 x their output
+  to the input embeddings. Every run (one rank or many) does the same, so the
+  vision weights get a (zero) gradient in every step and the optimizer treats
+  them the same whatever the world size.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from contextlib import contextmanager
 
 import torch
 from PIL import Image
@@ -169,6 +172,26 @@ def _tensors(value):
 
 def vision_idle_loss(model: nn.Module, blank: dict[str, torch.Tensor]) -> torch.Tensor:
     """0 x (the vision tower and projector's output on a blank image): runs them, changes nothing."""
-    device = next(model.parameters()).device
+    device = model.get_decoder().embed_tokens.weight.device
     out = model.get_image_features(**{k: v.to(device) for k, v in blank.items()})
     return sum((t.float().sum() for t in _tensors(out) if t.is_floating_point()), torch.zeros((), device=device)) * 0.0
+
+
+@contextmanager
+def vision_on_blank_image(model: nn.Module, blank: dict[str, torch.Tensor] | None, active: bool):
+    """While active, the language model's forward first runs the vision tower on `blank` (see the module doc)."""
+    if not active or blank is None:
+        yield
+        return
+
+    def before_language_model(_module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            return None
+        return args, {**kwargs, "inputs_embeds": embeds + vision_idle_loss(model, blank).to(embeds.dtype)}
+
+    handle = model.get_decoder().register_forward_pre_hook(before_language_model, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

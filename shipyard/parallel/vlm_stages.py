@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from shipyard.errors import ShipyardError
-from shipyard.models.vision import projector_prefixes, vision_idle_loss, vision_tower
+from shipyard.models.vision import projector_prefixes, vision_on_blank_image, vision_tower
 
 
 class KeyedLayers(nn.ModuleList):
@@ -110,11 +110,9 @@ def _stage_forward(self, x, attention_mask=None, position_ids=None, chunk_index=
                                 use_cache=False).last_hidden_state
     pixels = self._pp_images[int(chunk_index[0])] if chunk_index is not None and self._pp_images else {}
     extra = {**pixels, **type_ids} if pixels else {}
-    hidden = self.model(input_ids=x, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                        **extra).last_hidden_state
-    if not pixels and self._pp_blank is not None:
-        hidden = hidden + vision_idle_loss(self, self._pp_blank).to(hidden.dtype)  # see models/vision.py
-    return hidden
+    with vision_on_blank_image(self, self._pp_blank, active=not pixels):  # see models/vision.py
+        return self.model(input_ids=x, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                          **extra).last_hidden_state
 
 
 def multimodal_positions(model: nn.Module, batch: dict, chunks: list[dict], rows_per_chunk: int,

@@ -107,8 +107,11 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk
     Image inputs in the batch (pixel_values, image_grid_thw, mm_token_type_ids...) go to the model as they are;
     a vision-language model given a batch without images runs its vision tower on `blank_image` instead
     (see models/vision.py: every rank runs the same modules)."""
+    from shipyard.models.vision import vision_on_blank_image
+
     inputs = {k: v for k, v in batch.items() if k not in _NOT_INPUTS}
-    with capture_lm_head_input(model) as captured:
+    with capture_lm_head_input(model) as captured, \
+            vision_on_blank_image(model, blank_image, active="pixel_values" not in batch):
         if "position_ids" in batch:  # packed rows: documents are separated by position resets, not by a mask
             model(**inputs, position_ids=batch["position_ids"], use_cache=False)
         else:
@@ -120,8 +123,4 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk
     head = model.get_output_embeddings()
     scale, softcap = _logit_transform(model.config.get_text_config())
     loss = chunked_cross_entropy(hidden, head.weight, targets, chunk_size, head.bias, scale, softcap)
-    if blank_image is not None and "pixel_values" not in batch:
-        from shipyard.models.vision import vision_idle_loss
-
-        loss = loss + vision_idle_loss(model, blank_image)
     return loss, int(keep.sum())
