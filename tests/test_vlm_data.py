@@ -27,6 +27,7 @@ from shipyard.data.sources import SkipCounter, read_sources
 from shipyard.errors import ShipyardError
 from shipyard.models.vision import apply_pixel_limits, pixel_limits
 from shipyard.models.vision_presets import idefics3, qwen3_vl
+from tests.test_chat import supervised_spans
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -68,19 +69,6 @@ def answer(text: str) -> dict:
     return {"role": "assistant", "content": text}
 
 
-def supervised_spans(tokenizer, sample) -> list[str]:
-    """Decoded runs of supervised positions (each label must equal its input id: labels are not shifted)."""
-    spans, current = [], []
-    for token, label in zip(sample.input_ids, sample.labels):
-        if label != IGNORE_INDEX:
-            assert label == token
-            current.append(token)
-        elif current:
-            spans.append(current)
-            current = []
-    if current:
-        spans.append(current)
-    return [tokenizer.decode(s) for s in spans]
 
 
 def image_positions(sample, token_id: int) -> list[int]:

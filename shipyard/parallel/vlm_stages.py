@@ -21,8 +21,6 @@ runner builds them per pipeline micro-batch and stage 0 picks its own by the
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -39,20 +37,14 @@ class KeyedLayers(nn.ModuleList):
             self.add_module(key, layer)
 
 
-def _shallow_copy(module: nn.Module) -> nn.Module:
-    clone = copy.copy(module)
-    for key, value in module.__dict__.items():
-        if isinstance(value, dict):
-            clone.__dict__[key] = type(value)(value)
-    return clone
-
-
 def _path_to(model: nn.Module, target: nn.Module) -> list[str]:
     return next(name for name, m in model.named_modules() if m is target).split(".")
 
 
 def _copy_path(root: nn.Module, path: list[str]) -> nn.Module:
     """Shallow-copy every module along `path` below `root` (a copy itself); returns the copy of the last one."""
+    from shipyard.parallel.pipeline import _shallow_copy  # pipeline.py imports this module
+
     node = root
     for name in path:
         child = _shallow_copy(getattr(node, name))
@@ -79,6 +71,8 @@ def validate_vlm(model: nn.Module, first_stage_layers: int) -> None:
 
 def build_vlm_stage(model: nn.Module, layer_ids: list[int], first: bool, last: bool, blank_image: dict | None
                     ) -> nn.Module:
+    from shipyard.parallel.pipeline import _shallow_copy
+
     stage = _shallow_copy(model)
     decoder_path = _path_to(model, model.get_decoder())
     decoder = _copy_path(stage, decoder_path)
