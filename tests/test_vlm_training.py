@@ -43,6 +43,10 @@ def overrides(out: Path, data: dict, steps: int, *extra: str, batch: int = 8) ->
             "eval.generate=false", "optim.warmup_steps=2", *extra]
 
 
+# Multi-rank and pipelined runs also generate (exact match) at the end: the whole path a user runs.
+GENERATE = ("eval.generate=true", "eval.max_prompts=4", "eval.max_new_tokens=4")
+
+
 def assert_same_run(reference, run, steps: int) -> None:
     """Per-step losses and validation loss within 1e-5 relative; the exports hold the same tensors and give the
     same logits on an image prompt (raw weights are not compared: Adam turns 1e-7 differences in near-zero
@@ -56,6 +60,7 @@ def assert_same_run(reference, run, steps: int) -> None:
     assert_close_trajectory(losses(reference), losses(run), steps)
     want, got = (json.loads((d / "summary.json").read_text())["eval"] for d in (reference, run))
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert (got["exact_match"], got["num_prompts"]) == (want["exact_match"], want["num_prompts"]) and got["num_prompts"]
     a, b = (load_file(d / "final" / "model.safetensors") for d in (reference, run))
     assert a.keys() == b.keys()
     processor = AutoProcessor.from_pretrained(reference / "final")
@@ -125,17 +130,20 @@ def test_fsdp_two_ranks_equal_one_rank(data, tmp_path):
     """Global batch 4 either way. Half the records are text-only, so some 2-sample micro-batches hold no image:
     that rank runs the vision tower on a blank image while the other runs it on real ones."""
     for ranks in (1, 2):
-        args = overrides(tmp_path / f"r{ranks}", data, 8, "optim.lr=1e-3", batch=4 // ranks)
+        args = overrides(tmp_path / f"r{ranks}", data, 8, "optim.lr=1e-3", *GENERATE, batch=4 // ranks)
         proc = run_cli("train", "quickstart_vlm", *args, *(["--nproc-per-node", "2"] if ranks == 2 else []))
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert_same_run(tmp_path / "r1", tmp_path / "r2", 8)
 
 
 @pytest.mark.distributed
-def test_pipeline_two_stages_equal_one_process(data, tmp_path):
-    """Stage 0 runs the vision tower, projector and decoder layer 0 (with deepstack); stage 1 sees hidden states."""
+@pytest.mark.parametrize("preset", ["qwen3-vl-tiny", "idefics3-tiny"])
+def test_pipeline_two_stages_equal_one_process(data, tmp_path, preset):
+    """Stage 0 runs the vision tower, projector and decoder layer 0 (Qwen3-VL: with deepstack and M-RoPE
+    positions passed on); stage 1 sees hidden states."""
     for pp in (1, 2):
-        args = overrides(tmp_path / f"pp{pp}", data, 6, "optim.lr=1e-3", "parallel.pp_microbatches=4")
+        args = overrides(tmp_path / f"pp{pp}", data, 6, "optim.lr=1e-3", "parallel.pp_microbatches=4", *GENERATE,
+                         f"model.path={preset}")
         extra = ["parallel.pp=2", "--nproc-per-node", "2"] if pp == 2 else []
         proc = run_cli("train", "quickstart_vlm", *args, *extra)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

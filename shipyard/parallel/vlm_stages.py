@@ -29,12 +29,19 @@ from shipyard.models.vision import projector_prefixes, vision_on_blank_image, vi
 
 
 class KeyedLayers(nn.ModuleList):
-    """A ModuleList whose modules keep the keys they had in the whole model ("3", "4", ...)."""
+    """A ModuleList whose modules keep the keys they had in the whole model ("3", "4", ...).
+
+    Indexing is by position among this stage's layers; a slice (`self.layers[: config.num_hidden_layers]` in
+    Llama-style forwards) is a plain ModuleList of them."""
 
     def __init__(self, layers: dict[str, nn.Module]):
         super().__init__()
         for key, layer in layers.items():
             self.add_module(key, layer)
+
+    def __getitem__(self, index):
+        layers = list(self._modules.values())
+        return nn.ModuleList(layers[index]) if isinstance(index, slice) else layers[index]
 
 
 def _path_to(model: nn.Module, target: nn.Module) -> list[str]:
