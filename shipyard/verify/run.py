@@ -27,11 +27,10 @@ from pathlib import Path
 import transformers
 
 from shipyard.data.chat import IGNORE_INDEX, eos_token_ids, render_text
-from shipyard.data.messages import Record, RecordError
+from shipyard.data.images import ImageEncoder, images_of
+from shipyard.data.messages import Record, RecordError, text_of
 from shipyard.errors import ShipyardError
 from shipyard.peft.adapter_dir import ADAPTER_CONFIG, is_adapter_dir, resolve_base_dir
-from shipyard.data.images import ImageEncoder, images_of
-from shipyard.data.messages import text_of
 from shipyard.verify.hf_greedy import greedy, load_for_verify, prompt_inputs
 from shipyard.verify.probe import BUILTIN_DIALOG, BUILTIN_PROMPTS, read_probe, render_for_probe
 
@@ -199,15 +198,10 @@ def compare_generations(hf: list[tuple[list[int], list[float]]], vllm: dict, hf_
 
 def directory_encoder(model_dir: Path, model, tokenizer, trust_remote_code: bool) -> ImageEncoder | None:
     """A vision-language directory's own processor (its saved pixel limits), wired to its tokenizer."""
-    from shipyard.models.vision import is_vision_language
+    from shipyard.export.export import load_processor_of
 
-    if not is_vision_language(model.config):
-        return None
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    processor.tokenizer = tokenizer
-    return ImageEncoder(processor)
+    processor = load_processor_of(model_dir, model.config, tokenizer, trust_remote_code)
+    return ImageEncoder(processor) if processor is not None else None
 
 
 def served_dialog(dialog: list[dict]) -> list[dict]:
