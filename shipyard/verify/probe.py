@@ -103,9 +103,13 @@ def make_probe(tokenizer: PreTrainedTokenizerBase, validation: list[Record], tra
     prompts = [with_inline_images(prompt_and_reference(r)[0]) for r in records[:MAX_PROMPTS]] or BUILTIN_PROMPTS
     dialogs = pick_dialogs(train or validation) or [Record(BUILTIN_DIALOG, "builtin")]
     dialogs = [Record(with_inline_images(r.messages), r.origin, r.tools, r.template_kwargs) for r in dialogs]
+    from shipyard.verify.hf_greedy import prompt_inputs
+
     return {
         "format": 2,
         "prompts": prompts,
+        # The ids training's pipeline makes of each prompt (image tokens expanded): verify holds vLLM's to them.
+        "prompt_ids": [prompt_inputs(tokenizer, p, encoder)["input_ids"][0].tolist() for p in prompts],
         "multi_turn": multi_turn,
         "dialogs": [
             {"source": r.origin, "shape": list(shape_of(r)), "messages": r.messages, "tools": r.tools,

@@ -2,7 +2,8 @@
 
 1. transformers loads DIR and greedily answers the probe prompts (fp32);
 2. vLLM loads DIR in a subprocess and answers the same dialogs through its own
-   chat path (`LLM.chat`): the prompt ids it rendered and the tokens it
+   chat path (`LLM.chat`): the prompt ids it rendered (held to the ids training
+   made of the same prompts, image tokens included) and the tokens it
    generated come back;
 3. template parity: every dialog recorded at training time (one of each shape
    the data had: multi-turn, reasoning, tools, ...) renders to the same ids
@@ -219,6 +220,7 @@ class Prepared:
     hf: list[tuple[list[int], list[float]]]
     report: dict
     job: dict
+    training_prompt_ids: list[list[int]] | None = None  # recorded at training time (probe), when there are some
 
 
 def prepare(directory: Path, *, max_new_tokens: int, trust_remote_code: bool) -> Prepared:
@@ -258,7 +260,7 @@ def prepare(directory: Path, *, max_new_tokens: int, trust_remote_code: bool) ->
     if adapter:
         report["base_model"] = str(model_dir)
         job.update(lora=str(directory), lora_rank=adapter_config["r"], moe=is_moe(model.config))
-    return Prepared(tokenizer, prompt_ids, hf, report, job)
+    return Prepared(tokenizer, prompt_ids, hf, report, job, (probe or {}).get("prompt_ids"))
 
 
 def logprob_check(rows: list[dict], dtype: str, tolerance: float | None) -> dict:
@@ -312,6 +314,17 @@ def finish(prep: Prepared, vllm_version: str | None, result: dict | None, allow_
                 max_abs_logprob_diff=max((r["max_abs_logprob_diff"] or 0.0) for r in rows),
                 logprobs=logprob_check(rows, result["dtype"], logprob_tolerance),
             )
+            if prep.training_prompt_ids is not None:
+                trained = [a == b for a, b in zip(prep.training_prompt_ids, result["prompt_token_ids"])]
+                vllm_report["training_prompt_ids_match"] = all(trained)
+                for i, same in enumerate(trained):
+                    if not same:
+                        at = first_difference(prep.training_prompt_ids[i], result["prompt_token_ids"][i])
+                        report["template"]["problems"].append(
+                            f"vLLM's prompt ids for prompt {i} differ from the ids training made of it at token {at}: "
+                            f"{_show(tokenizer, result['prompt_token_ids'][i], at)} vs training "
+                            f"{_show(tokenizer, prep.training_prompt_ids[i], at)}")
+                        report["template"]["ok"] = False
             for i, row in enumerate(rows):
                 if not row["prompt_ids_equal"]:
                     at = row["prompt_first_difference"]
@@ -371,6 +384,9 @@ def format_report(report: dict) -> str:
                 f"    {short:<40} {row['matched_tokens']:>13}/{row['total_tokens']:<6} "
                 f"{(f'{lp:.1e}' if lp is not None else '-'):>15} {'equal' if row['prompt_ids_equal'] else 'DIFFER':>11}"
             )
+        if "training_prompt_ids_match" in v:
+            lines.append(f"  prompt ids: vLLM's {'equal' if v['training_prompt_ids_match'] else 'DIFFER from'} the ids "
+                         "training made of the same prompts")
         lp = v["logprobs"]
         where = f" (prompt {lp['prompt']}, generated token {lp['token']})" if lp["prompt"] is not None else ""
         lines.append(f"  logprobs: max |dlogprob| {lp['max_abs_diff']:.1e}{where}, tolerance {lp['tolerance']:.0e} for "

@@ -48,7 +48,8 @@ def test_verify_serves_the_images_in_vllm(quickstart):
     report = json.loads(proc.stdout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert report["ok"] and report["vllm"]["available"] and report["vllm"]["greedy_match"] and report["template_parity"]
-    assert report["vllm"]["prompt_ids_match"]  # image placeholders expanded alike: the ids training used
+    assert report["vllm"]["prompt_ids_match"]  # image placeholders expanded alike in transformers and vLLM
+    assert report["vllm"]["training_prompt_ids_match"]  # ... and they are the ids training made of the prompts
     assert report["vllm"]["logprobs"]["max_abs_diff"] <= 1e-3
     assert all(p.endswith("[+image]") for p in report["prompts"])
 
@@ -72,3 +73,4 @@ def test_second_family_idefics3_trains_exports_loads_and_serves(tmp_path):
     report = json.loads(proc.stdout)
     assert proc.returncode == 0 and report["ok"], json.dumps(report)[-3000:]
     assert report["vllm"]["greedy_match"] and report["vllm"]["prompt_ids_match"] and report["template_parity"]
+    assert report["vllm"]["training_prompt_ids_match"]  # vLLM's ids, image tokens expanded, are training's
