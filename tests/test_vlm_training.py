@@ -137,6 +137,7 @@ def test_fsdp_two_ranks_equal_one_rank(data, tmp_path):
 
 
 @pytest.mark.distributed
+@pytest.mark.vllm
 @pytest.mark.parametrize("preset", ["qwen3-vl-tiny", "idefics3-tiny"])
 def test_pipeline_two_stages_equal_one_process(data, tmp_path, preset):
     """Stage 0 runs the vision tower, projector and decoder layer 0 (Qwen3-VL: with deepstack and M-RoPE
@@ -148,3 +149,7 @@ def test_pipeline_two_stages_equal_one_process(data, tmp_path, preset):
         proc = run_cli("train", "quickstart_vlm", *args, *extra)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert_same_run(tmp_path / "pp1", tmp_path / "pp2", 6)
+    if preset == "qwen3-vl-tiny":  # the pipelined run's export serves: the whole path, verify included
+        proc = run_cli("verify", str(tmp_path / "pp2" / "final"), "--json", timeout=900)
+        report = json.loads(proc.stdout)
+        assert proc.returncode == 0 and report["ok"] and report["vllm"]["training_prompt_ids_match"], proc.stdout[-3000:]
