@@ -21,6 +21,7 @@ examples:
   shipyard data preview my_recipe.yaml             # the supervised tokens of the first samples
   shipyard export runs/quickstart/checkpoints/step_500 exported/
   shipyard verify runs/quickstart/final
+  shipyard generate runs/quickstart/final chats.jsonl regenerated.jsonl
 
 recipes are YAML; overrides are dotted keys with YAML values (key.path=value).
 docs: README.md
@@ -41,6 +42,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
         return launch("train", args.nproc_per_node, args.recipe_and_overrides)
     from shipyard.parallel.dist import destroy
+
+    if recipe.task == "dflash":
+        from shipyard.train.dflash import train_dflash
+
+        summary = train_dflash(recipe)
+        destroy()
+        if int(os.environ.get("RANK", "0")) == 0:
+            _print_dflash_report(recipe, summary)
+        return 0
     from shipyard.train.loop import train  # heavy imports only after the recipe validated
 
     # No `finally`: tearing the process group down before main() reports a failure would close the peers'
@@ -50,6 +60,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         _print_train_report(recipe, summary)
     return 0
+
+
+def _print_dflash_report(recipe, summary: dict) -> None:
+    ev = summary["eval"]
+    print()
+    print(f"done: drafter trained {summary['steps']} steps in {summary['train_seconds']:.1f}s "
+          f"({summary['wall_seconds']:.0f}s wall)")
+    if ev:
+        print(f"offline on the validation answers: mean acceptance length tau "
+              f"{ev['mean_acceptance_length']:.3f} (ceiling {ev['ceiling_mean_acceptance_length']:.3f}), "
+              f"per position {', '.join(f'{a:.2f}' for a in ev['acceptance_per_position'])}")
+    print(f"drafter (vLLM DFlash format): {summary['final_checkpoint']}")
+    print(f"\nnext:\n  shipyard verify {summary['final_checkpoint']}    # serve target + drafter in vLLM: lossless? tau?")
 
 
 def _print_train_report(recipe, summary: dict) -> None:
@@ -163,10 +186,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from shipyard.verify.run import format_report, verify
 
-    report = verify(Path(args.dir), max_new_tokens=args.max_new_tokens, allow_missing_vllm=args.allow_missing_vllm,
-                    trust_remote_code=args.trust_remote_code, logprob_tolerance=args.logprob_tolerance)
+    report = verify(Path(args.dir), target=args.target, max_new_tokens=args.max_new_tokens,
+                    allow_missing_vllm=args.allow_missing_vllm, trust_remote_code=args.trust_remote_code,
+                    logprob_tolerance=args.logprob_tolerance)
     print(json.dumps(report) if args.json else format_report(report))
     return 0 if report["ok"] else 1
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from shipyard.generate import format_summary, generate
+
+    summary = generate(args.model_dir, args.data, args.out, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                       temperature=args.temperature, on_error=args.on_error, num_records=args.num_records,
+                       seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len,
+                       trust_remote_code=args.trust_remote_code)
+    print(format_summary(summary))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  shipyard verify runs/quickstart/final\n  shipyard verify runs/quickstart/final --json | jq .ok",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("dir", help="a Hugging Face directory, e.g. runs/NAME/final")
+    p.add_argument("dir", help="a Hugging Face directory, e.g. runs/NAME/final, or a DFlash drafter directory")
+    p.add_argument("--target", metavar="DIR", help="a DFlash drafter's target (default: the one it was trained for)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens compared per prompt (default: 32)")
     p.add_argument("--logprob-tolerance", type=float, metavar="X",
@@ -296,6 +332,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing-vllm", action="store_true", help="exit 0 without vLLM installed (reports available: false)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "generate",
+        help="regenerate a chat dataset's assistant turns with a target model (vLLM), e.g. to train a drafter",
+        description="Replace every assistant turn of DATA, in order, by MODEL_DIR's own answer to the conversation "
+        "so far (earlier assistant turns already replaced), generated by vLLM through its chat path (LLM.chat: the "
+        "model's chat template and generation_config.json sampling defaults, stopping at EOS, as served) in a "
+        "subprocess, and write the records to OUT.jsonl "
+        "with everything else unchanged (system/user turns, extra keys; a regenerated turn loses the old answer's "
+        "reasoning fields). A speculative-decoding drafter trained on the target's own answers accepts more of its "
+        "tokens. OUT.jsonl is written atomically once all answers are in. Records with tool calls, offered tools, "
+        "images or no assistant turn, and prompts longer than the model's context, are skipped and counted by "
+        "reason; a malformed record stops the run with its file:line unless --on-error skip.",
+        epilog="examples:\n"
+        "  shipyard generate runs/quickstart/final chats.jsonl regenerated.jsonl\n"
+        "  shipyard generate runs/NAME/final chats.jsonl out.jsonl --limit 1000 --max-new-tokens 512 --on-error skip\n"
+        "  shipyard generate runs/quickstart/final synthetic:reverse_words out.jsonl --num-records 200 --seed 1\n"
+        "  shipyard train my_drafter.yaml data.train=out.jsonl        # then train on the target's own answers\n"
+        "\nDATA is a JSON Lines file of OpenAI-style chat records, one per line:\n"
+        '  {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+        "(optional per-record chat_template_kwargs are honoured), or synthetic:TASK for a built-in task\n"
+        "(synthetic:reverse_words, synthetic:sort_words; sized by --num-records and --seed).\n"
+        "vLLM gets SHIPYARD_VLLM_GPU_MEMORY_UTILIZATION (default 0.3) of a GPU, as in `shipyard verify`.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face model directory, e.g. runs/NAME/final")
+    p.add_argument("data", metavar="DATA", help="a JSONL file of chat records, or synthetic:TASK")
+    p.add_argument("out", metavar="OUT.jsonl", help="where to write the regenerated records (replaced atomically)")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+                   help="longest answer in tokens; a longer one is cut and counted in the summary (default: 256)")
+    p.add_argument("--limit", type=int, metavar="N", help="regenerate only the first N usable records")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature (default: 0, greedy); vLLM's seed is 0")
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="a malformed record: stop with its file:line (raise, the default) or count and skip it")
+    p.add_argument("--num-records", type=int, default=1000, metavar="N",
+                   help="records of a synthetic:TASK (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed of a synthetic:TASK (default: 0)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="vLLM's dtype (default: auto, vLLM's choice for the checkpoint)")
+    p.add_argument("--max-model-len", type=int, metavar="N",
+                   help="vLLM's context length (default: the model's, reduced to what the KV cache holds); "
+                   "longer prompts are skipped and counted")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

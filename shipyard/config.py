@@ -46,6 +46,18 @@ class Section(BaseModel):
         return value
 
 
+class MTPConfig(Section):
+    """Multi-token-prediction heads (DeepSeek-V3 style, models/mtp.py), trained beside or on top of the base."""
+
+    num_layers: int | None = Field(None, gt=0, description="MTP modules, one per extra predicted token; default: "
+                                   "the base's own count when it already has MTP weights (they are loaded, never "
+                                   "re-initialised), else 1.")
+    loss_scale: float = Field(0.3, ge=0.0, description="Loss = main + loss_scale x mean over depths of each "
+                              "depth's per-token loss (DeepSeek-V3 used 0.1-0.3).")
+    freeze_base: bool = Field(False, description="Train only the head; the base stays bit-identical (the way to "
+                              "make an already served model faster). false: fine-tune base and head jointly.")
+
+
 class ModelConfig(Section):
     path: str = Field(
         "qwen3-tiny",
@@ -62,6 +74,8 @@ class ModelConfig(Section):
         "after training): vision_tower, projector, language_model, embeddings, or parameter-name globs "
         "(model.visual.blocks.0.*)."
     )
+    mtp: MTPConfig | None = Field(None, description="Attach and train multi-token-prediction heads ({} for the "
+                                  "defaults); exported where vLLM reads them for the base's family.")
 
 
 class DataSource(Section):
@@ -215,8 +229,32 @@ class LoraConfig(Section):
     use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) (rank-stabilised LoRA).")
 
 
+class DraftConfig(Section):
+    """A DFlash drafter (block-diffusion speculative decoding) for a frozen target: task: dflash."""
+
+    target: str = Field(description="The target: hub id, Hugging Face directory or a shipyard run's final/.")
+    num_layers: int = Field(2, gt=0, description="Drafter decoder layers (Qwen3-style, no embedding or LM head: "
+                            "the target's are used).")
+    block_size: int = Field(16, ge=2, description="Tokens per block: the last accepted token + block_size - 1 "
+                            "drafted in one forward (8 suits small targets).")
+    target_layer_ids: list[int] | None = Field(None, description="0-based target layers whose outputs condition "
+                                               "the drafter; default: evenly spread (FACTS: 1..L-3).")
+    mask_token: str | None = Field(None, description="Token standing for not-yet-drafted slots; must be in the "
+                                   "target's vocabulary; default: an existing special token the data does not use.")
+    anchors_per_sequence: int = Field(512, gt=0, description="Blocks trained per sequence, anchored at "
+                                      "supervised positions (all of them when fewer).")
+    gamma: float | None = Field(None, gt=0, description="Slot weight exp(-(k-1)/gamma); default 7 for block "
+                                "size 16, 4 for 8, block_size / 2 otherwise.")
+
+    @property
+    def slot_decay(self) -> float:
+        return self.gamma or {16: 7.0, 8: 4.0}.get(self.block_size, self.block_size / 2)
+
+
 class Recipe(Section):
     name: str = Field("run", pattern=r"^[\w.-]+$")
+    task: Literal["sft", "dflash"] = Field("sft", description="sft: train model; dflash: train a drafter "
+                                           "(the `draft` section) for a frozen target.")
     output_dir: str | None = Field(None, description="Default: runs/<name>.")
     seed: int = 0
     model: ModelConfig = ModelConfig()
@@ -227,6 +265,17 @@ class Recipe(Section):
     eval: EvalConfig = EvalConfig()
     parallel: ParallelConfig = ParallelConfig()
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of all weights.")
+    draft: DraftConfig | None = Field(None, description="task: dflash: the drafter and its target.")
+
+    @model_validator(mode="after")
+    def _draft_for_dflash(self) -> Recipe:
+        if (self.task == "dflash") != (self.draft is not None):
+            raise ValueError("task: dflash needs a `draft` section (with draft.target), and a `draft` section "
+                             "needs task: dflash")
+        if self.draft is not None and self.data.max_length % self.draft.block_size:
+            raise ValueError(f"data.max_length ({self.data.max_length}) must be a multiple of draft.block_size "
+                             f"({self.draft.block_size}): sequences train in whole blocks")
+        return self
 
     @property
     def out_dir(self) -> Path:
@@ -346,8 +395,10 @@ def format_validation_error(error: ValidationError, source: str) -> str:
         elif item["type"] == "missing":
             lines.append(f"  missing required key '{dotted}'")
         else:
-            where = f"'{dotted}'" if dotted else "recipe"
-            lines.append(f"  {where}: {item['msg']} (got {item.get('input')!r})")
+            if dotted:
+                lines.append(f"  '{dotted}': {item['msg']} (got {item.get('input')!r})")
+            else:  # a check across sections: the message names the keys
+                lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from shipyard.errors import ShipyardError
-from shipyard.export.hf import INDEX_FILE, SINGLE_FILE
+from shipyard.export.hf import INDEX_FILE, MTP_SIDE_FILE, SINGLE_FILE
 
 
 def _no_dist() -> bool:
@@ -52,7 +52,7 @@ class DirectoryWeights:
         self._file_of: dict[str, str] = {}
         if source == "dcp":
             self._index_dcp()
-        elif (directory / INDEX_FILE).is_file() or (directory / SINGLE_FILE).is_file():
+        elif any((directory / f).is_file() for f in (INDEX_FILE, SINGLE_FILE)):
             self._index_safetensors()
         elif self.dcp_dir.is_dir():
             self._index_dcp()
@@ -69,6 +69,8 @@ class DirectoryWeights:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         else:
             files = [SINGLE_FILE]
+        if (self.directory / MTP_SIDE_FILE).is_file():  # an MTP head kept out of the index (export/hf.py)
+            files.append(MTP_SIDE_FILE)
         for filename in files:
             path = self.directory / filename
             if not path.is_file():

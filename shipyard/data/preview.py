@@ -22,11 +22,16 @@ BRACKETS = ("[[", "]]")  # the same, where colour cannot be shown
 
 
 def preview_datasets(recipe: Recipe, limit: int):
-    """(tokenizer, datasets holding the samples of the first `limit` training records)."""
-    source = resolve_source(recipe.model.path)
-    tokenizer = load_tokenizer(recipe.model, source, recipe.data.chat_template_kwargs)
-    stop_ids = eos_token_ids(tokenizer, base_eos(recipe.model, source))
-    encoder = image_encoder(load_processor(recipe.model, source, tokenizer), recipe.data)
+    """(tokenizer, datasets holding the samples of the first `limit` training records).
+
+    A drafter recipe (task: dflash) renders with its target's tokenizer, as its training does."""
+    from shipyard.config import ModelConfig
+
+    model = ModelConfig(path=recipe.draft.target) if recipe.draft is not None else recipe.model
+    source = resolve_source(model.path)
+    tokenizer = load_tokenizer(model, source, recipe.data.chat_template_kwargs)
+    stop_ids = eos_token_ids(tokenizer, base_eos(model, source))
+    encoder = image_encoder(load_processor(model, source, tokenizer), recipe.data)
     return tokenizer, build_datasets(recipe.data, tokenizer, recipe.seed, limit=limit, stop_ids=stop_ids, encoder=encoder)
 
 
@@ -60,6 +65,25 @@ def highlighted(tokenizer, sample: Sample, marks: tuple[str, str]) -> str:
     return _collapse_repeats("".join(out))
 
 
+def drafter_blocks(tokenizer, sample: Sample, draft) -> str:
+    """What a DFlash drafter trains on in this sample: its anchors and the first block's slots and targets."""
+    import torch
+
+    from shipyard.models.dflash import block_targets, choose_anchors, slot_weights
+
+    ids, labels = torch.tensor([sample.input_ids]), torch.tensor([sample.labels])
+    rows, anchors = choose_anchors(labels, draft.anchors_per_sequence, 0)
+    if len(anchors) == 0:
+        return "drafter: no block (no answer token with a supervised next token)"
+    targets, valid = block_targets(ids, labels, rows, anchors, draft.block_size)
+    weights = slot_weights(draft.block_size, draft.slot_decay)
+    slots = [f"{k}:{tokenizer.decode([int(targets[0, k])])!r}@{float(weights[k]):.2f}"
+             for k in range(1, draft.block_size) if valid[0, k]]
+    return (f"drafter: {len(anchors)} block(s) anchored at positions {anchors.tolist()}; the first block is "
+            f"{tokenizer.decode([int(ids[0, anchors[0]])])!r} + {draft.block_size - 1} mask tokens, its slots learn "
+            f"{' '.join(slots)} (slot:target@weight)")
+
+
 def print_preview(tokenizer, recipe: Recipe, data: Datasets, limit: int, stream: TextIO, color: bool) -> None:
     marks = HIGHLIGHT if color else BRACKETS
     legend = "green" if color else "[[inside double brackets]]"
@@ -72,5 +96,7 @@ def print_preview(tokenizer, recipe: Recipe, data: Datasets, limit: int, stream:
               f"{len(sample.input_ids)} tokens, {sample.num_targets} supervised"
               + (f", images: {', '.join(describe(r) for r in sample.images)}" if sample.images else ""), file=stream)
         print(highlighted(tokenizer, sample, marks), file=stream)
+        if recipe.draft is not None:
+            print(drafter_blocks(tokenizer, sample, recipe.draft), file=stream)
     print(f"\nassistant turns: {data.turns_report()}", file=stream)
     print(f"skipped records: {data.skipped.report()}; truncated samples: {data.truncated}", file=stream)

@@ -60,20 +60,25 @@ def _parse_line(raw: bytes, lineno: int) -> object:
         raise RecordError(f"not valid JSON ({e.msg} at column {e.colno}); each line must hold one JSON record") from None
 
 
-def _read_jsonl(path: Path, on_error: str, skipped: SkipCounter, image_root: Path) -> list[Record]:
-    records = []
+def jsonl_objects(path: Path):
+    """(origin "file:line", parsed object or the RecordError saying why not) per non-blank line of `path`."""
     with path.open("rb") as f:  # bytes: a bad byte is one bad line, not a crash of the whole file
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
-            origin = f"{path}:{lineno}"
             try:
-                obj = _parse_line(raw, lineno)
+                yield f"{path}:{lineno}", _parse_line(raw, lineno)
             except RecordError as e:
-                handle_bad_record(e, origin, on_error, skipped)
-                continue
-            if (record := _record(obj, origin, on_error, skipped, image_root)) is not None:
-                records.append(record)
+                yield f"{path}:{lineno}", e
+
+
+def _read_jsonl(path: Path, on_error: str, skipped: SkipCounter, image_root: Path) -> list[Record]:
+    records = []
+    for origin, obj in jsonl_objects(path):
+        if isinstance(obj, RecordError):
+            handle_bad_record(obj, origin, on_error, skipped)
+        elif (record := _record(obj, origin, on_error, skipped, image_root)) is not None:
+            records.append(record)
     return records
 
 

@@ -32,6 +32,7 @@ from shipyard.peft.adapter_dir import (
 )
 from shipyard.verify.probe import read_probe
 from shipyard.export.hf import (
+    MTP_SIDE_FILE,
     ModelMeta,
     WeightLayout,
     check_exportable,
@@ -166,6 +167,7 @@ def write_weight_files(
     aliases: dict[str, str],
     rank: int = 0,
     world_size: int = 1,
+    side_file: set[str] = frozenset(),
 ) -> tuple[dict[str, list[str]], dict]:
     """Write this rank's share of the output files: whole files are assigned to ranks round-robin.
 
@@ -175,7 +177,9 @@ def write_weight_files(
     """
     names = [n for n in weights.shapes if n not in aliases]
     shapes = {n: (weights.shapes[n][0], target_dtype(n, weights.shapes[n][1], layout, dtype)) for n in names}
-    plan = plan_files(shapes, layout)
+    plan = plan_files({n: s for n, s in shapes.items() if n not in side_file}, layout)
+    if side_file:
+        plan[MTP_SIDE_FILE] = sorted(side_file)
     for filename in sorted(plan)[rank::world_size]:
         group = plan[filename]
         tensors = weights.load(group)
@@ -214,6 +218,39 @@ def export_adapter(src: Path, out_dir: Path, force: bool) -> ExportResult:
     return ExportResult(out_dir, [ADAPTER_WEIGHTS], replaced, str(next(iter(state.values())).dtype).removeprefix("torch."))
 
 
+def served_mtp_layout(weights, meta: ModelMeta) -> tuple[object, list[str], set[str]]:
+    """`weights` with MTP tensors renamed into the layout vLLM reads for this family, the names expected out,
+    and those written to the side file (families vLLM serves no MTP for: see MTP_SIDE_FILE).
+
+    Also points `meta` at the serving architecture (Qwen2 bases with MTP serve as MiMoForCausalLM).
+    """
+    from shipyard.export.mtp_layout import ServedLayoutWeights, served_config_updates
+    from shipyard.models.mtp import style_for
+
+    view = ServedLayoutWeights(weights, meta.config)
+    expected = view.mtp_names()
+    if not expected:
+        return weights, [], set()
+    style = style_for(meta.config)
+    layers = len(view.mtp_layers) or getattr(meta.config, "num_nextn_predict_layers", 0)
+    for key, value in served_config_updates(meta.config, layers).items():
+        setattr(meta.config, key, value)
+    if style.architecture:
+        meta.architecture = style.architecture
+    return view, expected, set() if style.architecture else set(expected)
+
+
+def check_mtp_written(out_dir: Path, expected: list[str]) -> None:
+    """Read the written files back: every MTP tensor must be there (some save paths drop `mtp.*` silently)."""
+    if not expected:
+        return
+    written = set(DirectoryWeights(out_dir).shapes)
+    missing = [n for n in expected if n not in written]
+    if missing:
+        raise ShipyardError(f"export lost {len(missing)} of {len(expected)} MTP tensors (e.g. {missing[0]}); "
+                            "nothing was published")
+
+
 def export_checkpoint(
     src: Path,
     out_dir: Path,
@@ -239,6 +276,7 @@ def export_checkpoint(
     else:
         meta, info = load_meta(src, trust_remote_code)
         weights = DirectoryWeights(src)
+    weights, mtp_expected, mtp_aside = served_mtp_layout(weights, meta)
     _check_special_tokens_fit(meta, _embedding_rows(weights, meta), src)
     partial = out_dir.with_name(f".{out_dir.name}.partial")
 
@@ -252,12 +290,13 @@ def export_checkpoint(
     try:
         plan, shapes = write_weight_files(
             partial, weights, layout=meta.layout, dtype=dtype, aliases=info.get("tied", {}),
-            rank=dist_info.rank, world_size=dist_info.world_size,
+            rank=dist_info.rank, world_size=dist_info.world_size, side_file=mtp_aside,
         )
         barrier()
         saved_dtype = dominant_dtype(shapes)
         if dist_info.is_main:
             write_index(partial, plan, shapes)
+            check_mtp_written(partial, mtp_expected)
             write_hf_metadata(partial, meta, saved_dtype)
             publish(partial, out_dir)
         barrier()

@@ -34,6 +34,9 @@ from shipyard.verify.probe import write_probe
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# An MTP head for a family vLLM has no MTP model for: kept beside the model, out of the index, because vLLM and
+# transformers load only the files the index names (vLLM refuses unknown `mtp.*` tensors).
+MTP_SIDE_FILE = "mtp.safetensors"
 MAX_SHARD_BYTES = 5 * 1024**3
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
@@ -115,7 +118,8 @@ def write_index(out_dir: Path, plan: dict[str, list[str]], shapes: dict[str, tup
     if len(plan) == 1:
         stale.unlink(missing_ok=True)
         return
-    total = sum(shape.numel() * dtype.itemsize for shape, dtype in shapes.values())
+    plan = {f: names for f, names in plan.items() if f != MTP_SIDE_FILE}
+    total = sum(shapes[n][0].numel() * shapes[n][1].itemsize for names in plan.values() for n in names)
     weight_map = {name: filename for filename, names in plan.items() for name in names}
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
@@ -298,7 +302,11 @@ def check_exportable(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBas
     if not eos_token_ids(tokenizer, None):
         raise ShipyardError(f"{where}: no EOS token: neither the tokenizer nor the chat template defines one")
     architectures = getattr(config, "architectures", None) or []
-    known = any(hasattr(transformers, a) for a in architectures) or bool(getattr(config, "auto_map", None))
+    from shipyard.models.mtp import STYLES
+
+    # vLLM-only architectures: MiMoForCausalLM (a Qwen2 model with MTP), DFlashDraftModel (a drafter)
+    served_mtp = {s.architecture for s in STYLES.values()} | {"DFlashDraftModel"}
+    known = any(hasattr(transformers, a) or a in served_mtp for a in architectures) or bool(getattr(config, "auto_map", None))
     if not known:
         raise ShipyardError(
             f"{where}: unknown architecture {architectures or '(none)'} in config.json; "

@@ -10,8 +10,10 @@ from __future__ import annotations
 from transformers import (
     Gemma2Config,
     Gemma3TextConfig,
+    Glm4MoeConfig,
     LlamaConfig,
     MistralConfig,
+    NemotronHConfig,
     Phi3Config,
     PretrainedConfig,
     Qwen2Config,
@@ -120,6 +122,27 @@ def _gemma3() -> PretrainedConfig:
     )
 
 
+def _nemotron_h() -> PretrainedConfig:
+    # Nemotron-H (NemotronV3): a hybrid of Mamba-2 (linear_attention), attention without positional encoding and
+    # relu^2 MLP blocks, each its own layer. Dense (no MoE): vLLM's MoE kernels for this family are CUDA-only.
+    common = {k: v for k, v in _COMMON.items() if k not in ("rope_theta",)}
+    return NemotronHConfig(
+        hidden_size=128, layers_block_type=["linear_attention", "full_attention", "mlp", "full_attention", "mlp"],
+        num_attention_heads=2, num_key_value_heads=1, intermediate_size=384, mamba_num_heads=4, mamba_head_dim=32,
+        ssm_state_size=16, n_groups=1, chunk_size=16, tie_word_embeddings=False, **common,
+    )
+
+
+def _glm4_moe() -> PretrainedConfig:
+    # GLM-4.5 (glm4_moe): a dense first layer, then sparse MoE layers with a shared expert and sigmoid routing;
+    # partial rotary. vLLM serves its MTP layer (models/mtp.py) from model.layers.{L}.
+    common = {k: v for k, v in _COMMON.items() if k != "rope_theta"}
+    return Glm4MoeConfig(
+        **_TINY, num_key_value_heads=1, moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, tie_word_embeddings=False, **common,
+    )
+
+
 PRESETS = {
     # The quickstart model: ~0.5M parameters, learns reverse_words in about a minute on 2 CPU cores.
     "qwen3-tiny": lambda: _qwen3(layers=2, hidden=128, heads=2, kv_heads=1),
@@ -135,6 +158,9 @@ PRESETS = {
     "phi3-tiny": _phi3,
     "gemma2-tiny": _gemma2,
     "gemma3-tiny": _gemma3,
+    # The hybrid backbone of NVIDIA's speech-LMs; MTP heads attach to it (models/mtp.py).
+    "nemotron-h-tiny": _nemotron_h,
+    "glm4-moe-tiny": _glm4_moe,
 }
 
 

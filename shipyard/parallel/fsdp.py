@@ -97,6 +97,10 @@ def apply_parallelism(model: torch.nn.Module, cfg: ParallelConfig, topo: Topolog
     for i, (_, layer) in enumerate(layers.named_children()):
         # The last block is gathered again right away for backward: keeping it saves one all-gather.
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward and i < len(blocks) - 1)
+    # MTP layers (models/mtp.py) after the base's blocks, each a unit of its own: the loss runs them after the
+    # base's forward, and each gathers its weights for its own forward and backward.
+    for layer in getattr(getattr(model, "mtp", None), "layers", ()):
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
     # The root (embeddings, final norm, LM head) stays gathered after forward: the loss projects hidden
     # states with the LM head weight after the forward returns (train/loss.py), and backward needs it next.
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)

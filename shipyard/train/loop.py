@@ -28,6 +28,8 @@ from shipyard.data.chat import eos_token_ids
 from shipyard.export.hf import ModelMeta, WeightLayout
 from shipyard.fsutil import write_text_atomic
 from shipyard.data.images import image_encoder
+from shipyard.export.mtp_layout import existing_mtp_layers
+from shipyard.models import mtp
 from shipyard.models.load import load, load_processor
 from shipyard.models.vision import blank_image_inputs, freeze, pixel_limits
 from shipyard.parallel import pipeline
@@ -39,7 +41,7 @@ from shipyard.train.evaluate import exact_match
 from shipyard.train.metrics import MetricsLogger, plot_loss, run_totals, truncate_metrics
 from shipyard.train.optim import build_optimizer, build_scheduler
 from shipyard.train.loss import isolates_packed_documents
-from shipyard.train.step import LocalRunner, supervised_tokens, train_step
+from shipyard.train.step import LocalRunner, MTPObjective, supervised_tokens, train_step
 from shipyard.verify.probe import add_reference, make_probe
 
 log = logging.getLogger(__name__)
@@ -93,8 +95,10 @@ def build_runner(model, recipe: Recipe, topo: Topology, dist_info: DistInfo, pad
     bf16 = bf16_enabled(recipe, dist_info.device)
     if recipe.parallel.pp == 1:
         model = apply_parallelism(model, recipe.parallel, topo, dist_info.device, bf16)
+        head = mtp.head_of(model)
+        objective = MTPObjective(len(head.layers), recipe.model.mtp.loss_scale) if head is not None else None
         return model, LocalRunner(model, recipe.train.loss_chunk_size, autocast_for(recipe, dist_info.device),
-                                  blank_image)
+                                  blank_image, objective)
     stage_layers = pipeline.validate(model, recipe.parallel)
     n_stages = len(stage_layers)
     stage_ids = list(range(topo.pp_rank, n_stages, topo.pp_size))  # interleaved: rank r runs r, r + pp, ...
@@ -119,6 +123,11 @@ def packing_length(model, recipe: Recipe, topo: Topology, say, is_vlm: bool = Fa
     """Row length for packed micro-batches, or None to pad each micro-batch to its longest sample."""
     mode = recipe.data.packing
     if mode is False:
+        return None
+    if recipe.model.mtp is not None:
+        if mode is True:
+            raise ShipyardError("data.packing=true is not supported with model.mtp (MTP layers attend within one "
+                                "sequence); use data.packing=false")
         return None
     if is_vlm:
         if mode is True:
@@ -145,12 +154,23 @@ def packing_length(model, recipe: Recipe, topo: Topology, say, is_vlm: bool = Fa
     return recipe.data.max_length
 
 
-def validation_loss(runner, samples, batch_size: int, pad_id: int, topo: Topology, device, encoder=None,
-                    image_chunk_rows: int | None = None) -> float:
+def validation_metrics(runner, samples, batch_size: int, pad_id: int, topo: Topology, device, encoder=None,
+                       image_chunk_rows: int | None = None) -> dict:
+    """{"loss": ...} and, with an MTP head, each depth's loss and the offline acceptance per draft position."""
     batches = list(eval_batches(samples, batch_size, pad_id, topo.dp_rank, topo.dp_size, encoder, image_chunk_rows))
     count = all_reduce_sum(supervised_tokens(batches), device, group=topo.dp_group)
     total = all_reduce_sum(runner.eval_batches(batches, device).item(), device)
-    return total / max(count, 1)
+    out = {"loss": total / max(count, 1)}
+    head = getattr(runner, "mtp", None)
+    if head is not None:
+        for k, summed in enumerate(head.depth_sums, start=1):
+            out[f"loss_mtp_{k}"] = all_reduce_sum(summed, device) / max(
+                all_reduce_sum(supervised_tokens(batches, ahead=k), device), 1)
+        drafts = all_reduce_sum(head.drafts, device)
+        per_position = [all_reduce_sum(a, device) / max(drafts, 1) for a in head.accepted]
+        out.update({f"mtp_acceptance_{k}": v for k, v in enumerate(per_position, start=1)})
+        out["mtp_mean_acceptance_length"] = 1 + sum(per_position)
+    return out
 
 
 def exact_match_of_export(final_dir: Path, recipe: Recipe, tokenizer, records, eos_ids, dist_info: DistInfo,
@@ -171,6 +191,64 @@ def exact_match_of_export(final_dir: Path, recipe: Recipe, tokenizer, records, e
             return exact_match(model, tokenizer, records, eos_ids, recipe.eval, alone, encoder)
 
     return on_main(generate)
+
+
+def start_or_resume(recipe: Recipe, model, optimizer, scheduler, batches, dist_info: DistInfo, model_fingerprint: dict,
+                    total_steps: int, say) -> tuple[Path | None, int]:
+    """Prepare the run directory and restore the newest checkpoint per train.resume; returns (its dir, its step)."""
+    out, ckpt_root = recipe.out_dir, recipe.out_dir / "checkpoints"
+    if dist_info.is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(dump_recipe(recipe))
+    resume_dir = broadcast_object(find_resume_dir(ckpt_root, recipe.train.resume) if dist_info.is_main else None)
+    start_step = 0
+    if resume_dir is not None:
+        info = load_checkpoint(resume_dir, model=model, optimizer=optimizer, dist_info=dist_info,
+                               expected_fingerprint=model_fingerprint)
+        scheduler.load_state_dict(info["scheduler"])
+        batches.load_state_dict(info["data"])
+        start_step = info["step"]
+        say(f"resumed from {resume_dir} at step {start_step}")
+        if start_step >= total_steps:
+            say(f"the run in {out} is already complete ({total_steps} steps): nothing left to train; evaluating and "
+                "exporting its last checkpoint again (train.resume=never or another output_dir trains anew)")
+    if dist_info.is_main:
+        truncate_metrics(out / "metrics.jsonl", start_step)
+    return resume_dir, start_step
+
+
+def attach_mtp(model, recipe: Recipe, source, is_vlm: bool, frozen: list[str]) -> str | None:
+    """Attach (or load the base's own) MTP head per `model.mtp`; returns the start-up line about it."""
+    cfg = recipe.model.mtp
+    if cfg is None:
+        found = existing_mtp_layers(source.local_dir, model.config) if source.local_dir else 0
+        if found:
+            model.config.num_nextn_predict_layers = 0  # the export will not carry the head: say so in config.json
+        return (f"note: {source.name} has {found} MTP layer(s) this run does not train; the export will not carry "
+                "them (set model.mtp: {} to train them)") if found else None
+    if is_vlm:
+        raise ShipyardError("model.mtp is for causal LMs; vision-language models are not supported yet")
+    if recipe.lora is not None:
+        raise ShipyardError("model.mtp with lora is not supported: the head trains in full; use "
+                            "model.mtp.freeze_base=true to train only the head on a frozen base")
+    if recipe.parallel.pp > 1:
+        raise ShipyardError("model.mtp is not supported with pipeline parallelism (the head needs the last stage's "
+                            "hidden states and the first stage's embedding); use parallel.pp=1 (FSDP2 shards it)")
+    layers, how = mtp.attach(model, cfg.num_layers, source.local_dir, recipe.seed)
+    if cfg.freeze_base:
+        frozen += mtp.freeze_base(model)
+    style = mtp.style_for(model.config)
+    serving = (f"exported as {style.architecture} ({style.layout} layout)" if style.architecture
+               else f"not servable by vLLM ({mtp.why_not_served(model.config)})")
+    return (f"mtp: {layers} layer(s) {'loaded from the base' if how == 'loaded' else 'attached'}, "
+            f"{sum(p.numel() for p in model.mtp.parameters()) / 1e6:.2f}M parameters, loss_scale {cfg.loss_scale}, "
+            f"{'base frozen' if cfg.freeze_base else 'trained jointly with the base'}; {serving}")
+
+
+def _acceptance_line(metrics: dict) -> str:
+    per = [v for k, v in sorted(metrics.items()) if k.startswith("mtp_acceptance_")]
+    return (f"per position {', '.join(f'{v:.3f}' for v in per)}; mean acceptance length "
+            f"{metrics['mtp_mean_acceptance_length']:.3f} (offline, validation answers)")
 
 
 @dataclass
@@ -196,8 +274,9 @@ def train(recipe: Recipe) -> TrainResult:
     eos_ids = eos_token_ids(tokenizer, meta.base_eos)  # what serving stops on; every supervised turn ends with one
     data = build_datasets(recipe.data, tokenizer, recipe.seed, stop_ids=eos_ids, encoder=encoder)
     meta.probe = make_probe(tokenizer, data.validation_records, data.train_records, recipe.data.multi_turn, eos_ids,
-                            encoder)
+                            encoder, held_out=recipe.model.mtp is not None)
     frozen = freeze(model, recipe.model.freeze) if recipe.model.freeze else []
+    mtp_note = attach_mtp(model, recipe, source, encoder is not None, frozen)
     adapter = setup_lora(model, recipe, meta, source, dist_info) if recipe.lora is not None else None
     model_fingerprint = fingerprint(model)  # of the whole model, before it is split into pipeline stages
     n_params = sum(p.numel() for p in model.parameters())
@@ -218,23 +297,8 @@ def train(recipe: Recipe) -> TrainResult:
     scheduler = build_scheduler(optimizer, total_steps, recipe.optim)
     batches = StepBatches(data.train, plan, recipe.seed, tokenizer.pad_token_id, pack_length, encoder, image_chunk_rows)
 
-    if main:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(dump_recipe(recipe))
-    resume_dir = broadcast_object(find_resume_dir(ckpt_root, recipe.train.resume) if main else None)
-    start_step = 0
-    if resume_dir is not None:
-        info = load_checkpoint(resume_dir, model=model, optimizer=optimizer, dist_info=dist_info,
-                               expected_fingerprint=model_fingerprint)
-        scheduler.load_state_dict(info["scheduler"])
-        batches.load_state_dict(info["data"])
-        start_step = info["step"]
-        say(f"resumed from {resume_dir} at step {start_step}")
-        if start_step >= total_steps:
-            say(f"the run in {out} is already complete ({total_steps} steps): nothing left to train; evaluating and "
-                "exporting its last checkpoint again (train.resume=never or another output_dir trains anew)")
-    if main:
-        truncate_metrics(out / "metrics.jsonl", start_step)
+    resume_dir, start_step = start_or_resume(recipe, model, optimizer, scheduler, batches, dist_info, model_fingerprint,
+                                             total_steps, say)
 
     layout = f"x{dist_info.world_size}" + (f" (pipeline {topo.pp_size} x data {topo.dp_size})" if topo.pp_size > 1 else "")
     say(
@@ -251,17 +315,25 @@ def train(recipe: Recipe) -> TrainResult:
         say(f"images: {type(processor).__name__}, {sum(len(s.images) for s in data.train)} in training samples"
             + (f"; {limits[0]:,}..{limits[1]:,} pixels per image (data.min_pixels/max_pixels, exported)" if limits else "")
             + (f"; frozen: {len(frozen)} parameter tensors ({', '.join(recipe.model.freeze)})" if frozen else ""))
-    elif frozen:
+    elif frozen and recipe.model.freeze:
         say(f"frozen: {len(frozen)} parameter tensors ({', '.join(recipe.model.freeze)})")
     if data.skipped.report()["total"] or data.truncated:
         say(f"data: skipped {data.skipped.report()}, truncated {data.truncated}")
 
+    if mtp_note:
+        say(mtp_note)
+
     # A pipeline runs every batch in the training shape, so validation batches are micro-batch sized there.
     eval_rows = recipe.train.micro_batch_size if topo.pp_size > 1 else recipe.eval.batch_size
 
-    def evaluate_loss() -> float:
-        return validation_loss(runner, data.validation, eval_rows, tokenizer.pad_token_id, topo, dist_info.device,
-                               encoder, image_chunk_rows)
+    def evaluate() -> dict:
+        return validation_metrics(runner, data.validation, eval_rows, tokenizer.pad_token_id, topo, dist_info.device,
+                                  encoder, image_chunk_rows)
+
+    initial_mtp = None
+    if mtp.head_of(model) is not None and data.validation and start_step == 0:
+        initial_mtp = {k: v for k, v in evaluate().items() if "mtp" in k}  # the head as attached, before training
+        say(f"mtp: acceptance before training {_acceptance_line(initial_mtp)}")
 
     logger = MetricsLogger(out, total_steps, start_step, recipe.train.log_every, enabled=main)
     last_saved = resume_dir if start_step == total_steps else None
@@ -280,7 +352,7 @@ def train(recipe: Recipe) -> TrainResult:
         metrics.update({"train/tokens": tokens, "train/tokens_per_second": tokens / elapsed, "train/epoch": batches.epoch})
         done = step + 1
         if recipe.train.eval_every and done % recipe.train.eval_every == 0 and data.validation:
-            metrics["eval/loss"] = evaluate_loss()
+            metrics.update({f"eval/{k}": v for k, v in evaluate().items()})
         logger.log(done, metrics)
         every = recipe.checkpoint.every_steps
         if done == total_steps and dist_info.world_size == 1:
@@ -300,7 +372,9 @@ def train(recipe: Recipe) -> TrainResult:
 
     summary_eval: dict = {}
     if data.validation:
-        summary_eval["loss"] = evaluate_loss()
+        summary_eval.update(evaluate())
+        if initial_mtp is not None:
+            summary_eval["mtp_before_training"] = initial_mtp
     generate = recipe.eval.generate and bool(data.validation_records)
     if generate and topo.pp_size == 1:
         with autocast_for(recipe, dist_info.device)():

@@ -15,6 +15,7 @@ batch, which makes gradient accumulation and data parallelism exact.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +101,45 @@ def isolates_packed_documents(model: torch.nn.Module, vocab_size: int) -> bool:
 _NOT_INPUTS = ("labels", "attention_mask", "position_ids")
 
 
+def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], blank_image, pre_norm: bool = False) -> dict[str, torch.Tensor]:
+    """Run the model; returns the LM head's input ("hidden") and, with `pre_norm`, the final norm's ("pre_norm")."""
+    from shipyard.models.vision import vision_on_blank_image
+
+    inputs = {k: v for k, v in batch.items() if k not in _NOT_INPUTS}
+    with capture_lm_head_input(model) as captured, capture_final_norm_input(model, pre_norm) as pre, \
+            vision_on_blank_image(model, blank_image, active="pixel_values" not in batch):
+        if "position_ids" in batch:  # packed rows: documents are separated by position resets, not by a mask
+            model(**inputs, position_ids=batch["position_ids"], use_cache=False)
+        else:
+            model(**inputs, attention_mask=batch["attention_mask"], use_cache=False)
+    return {**captured, **pre}
+
+
+@contextmanager
+def capture_final_norm_input(model: torch.nn.Module, active: bool):
+    """Inside the block (when `active`), `captured["pre_norm"]` receives the final norm's input."""
+    captured: dict[str, torch.Tensor] = {}
+    if not active:
+        yield captured
+        return
+    from shipyard.models.mtp import final_norm_of
+
+    handle = final_norm_of(model).register_forward_pre_hook(lambda _m, args: captured.__setitem__("pre_norm", args[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def _supervised_loss(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, int]:
+    """Sum of CE of `hidden` [B, T, H] against `targets` [B, T] over supervised positions, and their count."""
+    keep = targets != IGNORE_INDEX
+    head = model.get_output_embeddings()
+    scale, softcap = _logit_transform(model.config.get_text_config())
+    loss = chunked_cross_entropy(hidden[keep], head.weight, targets[keep], chunk_size, head.bias, scale, softcap)
+    return loss, int(keep.sum())
+
+
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int,
                    blank_image: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
     """(sum of next-token losses over supervised positions, number of those positions).
@@ -107,20 +147,96 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk
     Image inputs in the batch (pixel_values, image_grid_thw, mm_token_type_ids...) go to the model as they are;
     a vision-language model given a batch without images runs its vision tower on `blank_image` instead
     (see models/vision.py: every rank runs the same modules)."""
-    from shipyard.models.vision import vision_on_blank_image
+    captured = _forward(model, batch, blank_image)
+    return _supervised_loss(model, captured["hidden"][:, :-1], batch["labels"][:, 1:], chunk_size)
 
-    inputs = {k: v for k, v in batch.items() if k not in _NOT_INPUTS}
-    with capture_lm_head_input(model) as captured, \
-            vision_on_blank_image(model, blank_image, active="pixel_values" not in batch):
-        if "position_ids" in batch:  # packed rows: documents are separated by position resets, not by a mask
-            model(**inputs, position_ids=batch["position_ids"], use_cache=False)
-        else:
-            model(**inputs, attention_mask=batch["attention_mask"], use_cache=False)
-    hidden = captured["hidden"][:, :-1]
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    hidden, targets = hidden[keep], targets[keep]
+
+@dataclass
+class MTPLosses:
+    main: torch.Tensor  # summed next-token loss of the base
+    depths: list[torch.Tensor]  # per MTP depth k: summed loss of predicting token t + k + 1
+    accepted: list[int] | None = None  # evaluation: per depth, drafts whose tokens 1..k all equal the base's greedy
+    drafts: int = 0  # evaluation: decoding steps that drafted (replayed over the answers)
+
+
+def mtp_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int, acceptance: bool = False) -> MTPLosses:
+    """The base's loss and each MTP depth's, from one forward of the base (models/mtp.py describes the head).
+
+    With `acceptance`, also counts the offline acceptance serving would see (`_acceptance`): drafts are accepted
+    while they equal the base's greedy tokens, counted only inside the answers.
+    """
+    from shipyard.models.mtp import mtp_outputs
+
+    captured = _forward(model, batch, None, pre_norm=True)
+    labels = batch["labels"]
+    main, _ = _supervised_loss(model, captured["hidden"][:, :-1], labels[:, 1:], chunk_size)
+    outputs = mtp_outputs(model, captured.get("pre_norm"), captured["hidden"], batch["input_ids"],
+                          batch["attention_mask"])
+    depths = []
+    for k, out in enumerate(outputs, start=1):
+        summed, _ = _supervised_loss(model, out[:, :-1], labels[:, k + 1:], chunk_size)
+        depths.append(summed)
+    result = MTPLosses(main, depths)
+    if acceptance:
+        with torch.no_grad():
+            result.accepted, result.drafts = _acceptance(model, captured["hidden"], outputs, labels)
+    return result
+
+
+def _greedy(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Argmax token of the LM head at every row of `hidden` [B, T, H] (logit transforms do not move an argmax)."""
     head = model.get_output_embeddings()
-    scale, softcap = _logit_transform(model.config.get_text_config())
-    loss = chunked_cross_entropy(hidden, head.weight, targets, chunk_size, head.bias, scale, softcap)
-    return loss, int(keep.sum())
+    return torch.stack([F.linear(row, head.weight, head.bias).argmax(-1) for row in hidden])
+
+
+def replay_drafts(drafted: list[list[int]], correct: list[int], start: int, end: int, accepted: list[int],
+                  reach: int | None = None) -> int:
+    """Replay serving's decoding loop over the answer at positions start..end; returns how many drafts were made.
+
+    After the step that produced token m (the first comes from the prompt), depth j drafts the token at m + j
+    from position m - 1 (`drafted[j - 1][m - 1]`). Drafts are accepted while they equal `correct` (the token at
+    each position), and only inside the answer (`accepted[j - 1]` counts depth j's); the next step starts after
+    the accepted drafts and the target's own token. `reach` > end also counts drafts accepted past the answer's
+    end (against `correct`'s continuation there), as vLLM's raw counters do.
+    """
+    reach = end if reach is None else reach
+    drafts, m = 0, start
+    while m < end:
+        drafts += 1
+        ok = 0
+        for j in range(1, len(drafted) + 1):
+            if m + j > reach or m - 1 >= len(drafted[j - 1]) or drafted[j - 1][m - 1] != correct[m + j]:
+                break
+            ok += 1
+        for j in range(ok):
+            accepted[j] += 1
+        m += ok + 1
+    return drafts
+
+
+def _acceptance(model, hidden, outputs, labels) -> tuple[list[int], int]:
+    """Offline acceptance over each answer (a run of supervised labels), the base's greedy tokens as correct:
+    where the base reproduces the answers, this is what vLLM counts (verify/speculative.py replays those)."""
+    base = _greedy(model, hidden[:, :-1]).tolist()  # base[b][t]: the base's greedy token for position t + 1
+    drafted = [_greedy(model, out).tolist() for out in outputs]  # drafted[j-1][b][t]: depth j's token t + j + 1
+    accepted, drafts = [0] * len(outputs), 0
+    for b, row in enumerate(labels.tolist()):
+        correct = [-1] + base[b]
+        for start, end in answer_spans(row):
+            drafts += replay_drafts([d[b] for d in drafted], correct, max(start, 1), end, accepted)
+    return accepted, drafts
+
+
+def answer_spans(labels: list[int]) -> list[tuple[int, int]]:
+    """(first, last) positions of each run of supervised labels: the answers."""
+    spans, t = [], 0
+    while t < len(labels):
+        if labels[t] == IGNORE_INDEX:
+            t += 1
+            continue
+        end = t
+        while end + 1 < len(labels) and labels[end + 1] != IGNORE_INDEX:
+            end += 1
+        spans.append((t, end))
+        t = end + 1
+    return spans

@@ -69,12 +69,17 @@ class MetricsLogger:
         parts = []
         if "train/loss" in m:
             parts.append(f"loss {m['train/loss']:.4f}")
+        if "train/loss_main" in m:  # MTP runs: the base's loss and each depth's
+            depths = [m[k] for k in sorted(m) if k.startswith("train/loss_mtp_")]
+            parts.append(f"(main {m['train/loss_main']:.4f}, mtp {' '.join(f'{d:.4f}' for d in depths)})")
         if "train/lr" in m:
             parts.append(f"lr {m['train/lr']:.2e}")
         if "train/tokens_per_second" in m:
             parts.append(f"{m['train/tokens_per_second']:,.0f} tok/s")
         if "eval/loss" in m:
             parts.append(f"eval {m['eval/loss']:.4f}")
+        if "eval/mtp_acceptance_1" in m:
+            parts.append(f"mtp accept {m['eval/mtp_acceptance_1']:.3f}")
         return "  ".join(parts)
 
     def _eta(self, step: int) -> str:

@@ -96,16 +96,23 @@ def as_data_uri(ref: str) -> str:
     return f"data:{kind};base64,{base64.b64encode(Path(ref).read_bytes()).decode()}"
 
 
+HELD_OUT_PROMPTS = 200
+
+
 def make_probe(tokenizer: PreTrainedTokenizerBase, validation: list[Record], train: list[Record],
-               multi_turn: str = "as_served", stop_ids: list[int] | None = None, encoder=None) -> dict:
-    """Prompts (validation first) and training-time renderings of one dialog of every shape in `train`."""
+               multi_turn: str = "as_served", stop_ids: list[int] | None = None, encoder=None,
+               held_out: bool = False) -> dict:
+    """Prompts (validation first) and training-time renderings of one dialog of every shape in `train`.
+
+    `held_out`: also keep up to HELD_OUT_PROMPTS validation prompts, on which `verify` measures speculative
+    decoding (MTP heads)."""
     records = validation + train
     prompts = [with_inline_images(prompt_and_reference(r)[0]) for r in records[:MAX_PROMPTS]] or BUILTIN_PROMPTS
     dialogs = pick_dialogs(train or validation) or [Record(BUILTIN_DIALOG, "builtin")]
     dialogs = [Record(with_inline_images(r.messages), r.origin, r.tools, r.template_kwargs) for r in dialogs]
     from shipyard.verify.hf_greedy import prompt_inputs
 
-    return {
+    probe = {
         "format": 2,
         "prompts": prompts,
         # The ids training's pipeline makes of each prompt (image tokens expanded): verify holds vLLM's to them.
@@ -118,6 +125,9 @@ def make_probe(tokenizer: PreTrainedTokenizerBase, validation: list[Record], tra
             for r in dialogs
         ],
     }
+    if held_out:
+        probe["held_out"] = [with_inline_images(prompt_and_reference(r)[0]) for r in validation[:HELD_OUT_PROMPTS]]
+    return probe
 
 
 REFERENCE_TOKENS = 32

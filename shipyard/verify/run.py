@@ -33,6 +33,8 @@ from shipyard.data.messages import Record, RecordError, text_of
 from shipyard.errors import ShipyardError
 from shipyard.peft.adapter_dir import ADAPTER_CONFIG, is_adapter_dir, resolve_base_dir
 from shipyard.verify.hf_greedy import greedy, load_for_verify, prompt_inputs
+from shipyard.models import mtp
+from shipyard.verify import speculative
 from shipyard.verify.probe import BUILTIN_DIALOG, BUILTIN_PROMPTS, read_probe, render_for_probe
 
 VLLM_TIMEOUT_S = 900
@@ -221,6 +223,8 @@ class Prepared:
     report: dict
     job: dict
     training_prompt_ids: list[list[int]] | None = None  # recorded at training time (probe), when there are some
+    spec_job: dict | None = None  # an MTP head vLLM serves: the speculative-decoding job
+    spec_model: object | None = None  # ... and the model with its head, to count acceptance exactly
 
 
 def prepare(directory: Path, *, max_new_tokens: int, trust_remote_code: bool) -> Prepared:
@@ -260,7 +264,19 @@ def prepare(directory: Path, *, max_new_tokens: int, trust_remote_code: bool) ->
     if adapter:
         report["base_model"] = str(model_dir)
         job.update(lora=str(directory), lora_rank=adapter_config["r"], moe=is_moe(model.config))
-    return Prepared(tokenizer, prompt_ids, hf, report, job, (probe or {}).get("prompt_ids"))
+    prep = Prepared(tokenizer, prompt_ids, hf, report, job, (probe or {}).get("prompt_ids"))
+    if not adapter and (layers := speculative.mtp_layers_in(model_dir, model.config)):
+        if mtp.why_not_served(model.config):
+            report["speculative"] = speculative.not_served(model.config)
+        else:
+            mtp.attach(model, None, model_dir, seed=0)  # the exported head, read back from DIR
+            held_out = (probe or {}).get("held_out") or dialogs
+            held_out = held_out[: speculative.MAX_PROMPTS]
+            lengths = [prompt_inputs(tokenizer, d, None)["input_ids"].shape[1] for d in held_out]
+            max_len = model_len_for(model, [[0] * max(lengths)], speculative.SPEC_MAX_NEW_TOKENS)
+            prep.spec_job = speculative.speculative_job(model_dir, directory, model.config, held_out, layers, max_len)
+            prep.spec_model = model
+    return prep
 
 
 def logprob_check(rows: list[dict], dtype: str, tolerance: float | None) -> dict:
@@ -291,7 +307,7 @@ def reference_check(hf: list[tuple[list[int], list[float]]], reference: dict | N
 
 
 def finish(prep: Prepared, vllm_version: str | None, result: dict | None, allow_missing_vllm: bool,
-           logprob_tolerance: float | None = None) -> dict:
+           logprob_tolerance: float | None = None, spec_result: dict | None = None) -> dict:
     """Compare the vLLM result (None: vLLM not installed) with the transformers half; fill in `ok`."""
     report, tokenizer = prep.report, prep.tokenizer
     vllm_report: dict = {"available": result is not None}
@@ -338,7 +354,14 @@ def finish(prep: Prepared, vllm_version: str | None, result: dict | None, allow_
     agrees = vllm_report.get("greedy_match", False) and vllm_report.get("logprobs", {}).get("ok", False)
     vllm_ok = agrees if result is not None else allow_missing_vllm
     reference_ok = report["training_reference"] is None or report["training_reference"]["ok"]
-    report["ok"] = bool(report["template_parity"] and vllm_ok and reference_ok)
+    spec_ok = True
+    if prep.spec_job is not None and spec_result is not None:
+        n_spec = prep.spec_job["speculative"]["num_speculative_tokens"]
+        report["speculative"] = (speculative.speculative_report(prep.spec_model, spec_result, n_spec)
+                                 if spec_result["ok"] else {"method": "mtp", "served": True, "lossless": False,
+                                                            "error": spec_result["error"]})
+        spec_ok = report["speculative"]["lossless"]
+    report["ok"] = bool(report["template_parity"] and vllm_ok and reference_ok and spec_ok)
     return report
 
 
@@ -350,16 +373,34 @@ def verify_many(
     preps = [prepare(d, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code) for d in directories]
     if not vllm_available():
         return [finish(p, None, None, allow_missing_vllm) for p in preps]
-    out = run_vllm_jobs([p.job for p in preps])
-    return [finish(p, out["vllm_version"], r, allow_missing_vllm, logprob_tolerance)
-            for p, r in zip(preps, out["results"])]
+    jobs = [job for p in preps for job in [p.job] + ([p.spec_job] if p.spec_job else [])]
+    out = run_vllm_jobs(jobs)
+    results = iter(out["results"])
+    reports = []
+    for p in preps:
+        result = next(results)
+        spec = next(results) if p.spec_job else None
+        reports.append(finish(p, out["vllm_version"], result, allow_missing_vllm, logprob_tolerance, spec))
+    return reports
 
 
-def verify(directory: Path, **kwargs) -> dict:
+def verify(directory: Path, target: str | None = None, **kwargs) -> dict:
+    from shipyard.verify import drafter
+
+    if drafter.is_drafter_dir(directory):  # a DFlash drafter: target + drafter in vLLM
+        prep = drafter.prepare(directory, target)
+        if not vllm_available():
+            return drafter.finish(prep, None, None)
+        out = run_vllm_jobs([prep["job"]])
+        return drafter.finish(prep, out["vllm_version"], out["results"][0])
     return verify_many([directory], **kwargs)[0]
 
 
 def format_report(report: dict) -> str:
+    if report.get("kind") == "dflash_drafter":
+        from shipyard.verify import drafter
+
+        return drafter.format_report(report)
     lines = [f"shipyard verify {report['dir']}"]
     if report.get("kind") == "adapter":
         lines.append(f"  LoRA adapter on {report['base_model']} (PEFT in transformers, LoRARequest in vLLM)")
@@ -412,5 +453,8 @@ def format_report(report: dict) -> str:
     else:
         lines.append(f"  template parity: FAILED ({source})")
         lines.extend(f"    - {p}" for p in t["problems"])
+    if "speculative" in report:
+        lines.extend(speculative.format_speculative(report["speculative"]) if "error" not in report["speculative"]
+                     else [f"  MTP speculative decoding in vLLM: FAILED: {report['speculative']['error']}"])
     lines.append("OK: serves in vLLM with the same greedy tokens and logprobs as transformers" if report["ok"] else "NOT OK")
     return "\n".join(lines)

@@ -49,6 +49,7 @@ def engine_kwargs(job: dict) -> dict:
         gpu_memory_utilization=float(os.environ.get("SHIPYARD_VLLM_GPU_MEMORY_UTILIZATION", "0.3")),
         trust_remote_code=job.get("trust_remote_code", False),
     )
+    kwargs.update(job.get("engine", {}))  # per-family engine settings (verify/speculative.py)
     if job.get("images_per_prompt"):
         kwargs["limit_mm_per_prompt"] = {"image": job["images_per_prompt"], "video": 0}
     if job.get("lora"):
@@ -96,6 +97,55 @@ def run_job(job: dict) -> dict:
     return result
 
 
+SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
+                 "vllm:spec_decode_num_accepted_tokens")
+
+
+def _spec_counters(llm) -> dict:
+    """vLLM's speculative-decoding counters (summed over engines), with accepted tokens per draft position."""
+    out = {name.removeprefix("vllm:spec_decode_"): 0 for name in SPEC_COUNTERS}
+    out["num_accepted_tokens_per_pos"] = []
+    for metric in llm.get_metrics():
+        if metric.name in SPEC_COUNTERS:
+            out[metric.name.removeprefix("vllm:spec_decode_")] += metric.value
+        elif metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+            per = out["num_accepted_tokens_per_pos"]
+            per.extend([0] * (len(metric.values) - len(per)))
+            out["num_accepted_tokens_per_pos"] = [a + b for a, b in zip(per, metric.values)]
+    return out
+
+
+def run_speculative_job(job: dict) -> dict:
+    """The same prompts greedily without and with `job["speculative"]`: tokens, tokens/s and vLLM's counters.
+
+    Answers stop at EOS, as served; every prompt runs in one batch per engine.
+    """
+    from vllm import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=job["max_new_tokens"])
+    runs = {}
+    configs = [("plain", None), ("speculative", job["speculative"])]
+    if job.get("control"):  # the same target under another method: separates drafter faults from engine faults
+        configs.append(("control", job["control"]))
+    for name, spec in configs:
+        kwargs = engine_kwargs(job)
+        if spec is not None:
+            kwargs.update(speculative_config=spec, disable_log_stats=False)
+        llm = LLM(**kwargs)
+        started = time.perf_counter()
+        outputs = llm.chat(job["dialogs"], params, use_tqdm=False)
+        seconds = time.perf_counter() - started
+        tokens = [list(o.outputs[0].token_ids) for o in outputs]
+        runs[name] = {"token_ids": tokens, "seconds": seconds,
+                      "tokens_per_second": sum(map(len, tokens)) / seconds if seconds else 0.0,
+                      "prompt_token_ids": [list(o.prompt_token_ids) for o in outputs]}
+        if spec is not None:
+            runs[name]["counters"] = _spec_counters(llm)
+        del llm
+        gc.collect()
+    return runs
+
+
 def main() -> int:
     request_path, result_path = sys.argv[1], sys.argv[2]
     with open(request_path) as f:
@@ -108,7 +158,8 @@ def main() -> int:
             results.append({"ok": False, "cannot_serve": reason, "error": f"this vLLM build cannot serve it: {reason}"})
             continue
         try:
-            results.append({"ok": True, **run_job(job)})
+            run = run_speculative_job if job.get("speculative") else run_job
+            results.append({"ok": True, **run(job)})
         except Exception as e:  # reported to the parent, which names the job and shows the reason
             results.append({"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
     with open(result_path, "w") as f:

@@ -1,0 +1,330 @@
+"""`shipyard train` with `task: dflash`: a DFlash drafter for a frozen target, top to bottom.
+
+target (frozen, loaded once, FSDP2-sharded on several ranks) + its tokenizer -> the chat data, tokenized as
+for SFT -> the drafter (models/dflash.py) -> per step: the target's hidden states at the chosen layers (no
+gradients), blocks anchored at answer positions, weighted block loss -> checkpoints (the drafter only; its
+directory is in vLLM's DFlash format) -> validation: loss and the offline acceptance length tau -> export.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from shipyard.checkpoint.store import fingerprint, save_checkpoint
+from shipyard.config import ModelConfig, Recipe
+from shipyard.data.chat import eos_token_ids
+from shipyard.data.dataset import build_datasets, count_targets
+from shipyard.data.images import image_encoder
+from shipyard.data.loader import StepBatches, eval_batches
+from shipyard.errors import ShipyardError
+from shipyard.export.export import export_checkpoint
+from shipyard.export.hf import ModelMeta
+from shipyard.fsutil import write_text_atomic
+from shipyard.models import dflash
+from shipyard.models.load import load, load_processor
+from shipyard.parallel.dist import all_reduce_sum, broadcast_object, init_distributed
+from shipyard.parallel.fsdp import apply_parallelism, decoder_layers, use_fsdp
+from shipyard.parallel.topology import build_topology
+from shipyard.train.loss import _greedy, answer_spans, chunked_cross_entropy, replay_drafts
+from shipyard.train.metrics import MetricsLogger, plot_loss, run_totals
+from shipyard.train.optim import build_optimizer, build_scheduler
+from shipyard.train.step import train_step
+from shipyard.verify.probe import make_probe
+
+
+@contextmanager
+def target_features(target: torch.nn.Module, layer_ids: list[int]):
+    """Inside the block, `captured[i]` receives the hidden state leaving the target's decoder layer i.
+
+    Read where the next layer (or the final norm) receives it, as vLLM's aux hidden states are: a model that adds
+    to the hidden state between layers (Qwen3-VL's deepstack visual features after its first layers) has added it.
+    """
+    from shipyard.models.mtp import final_norm_of
+
+    layers = decoder_layers(target)
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for i in layer_ids:
+        receiver = layers[i + 1] if i + 1 < len(layers) else final_norm_of(target)
+
+        def hook(_module, args, kwargs, i=i):
+            captured[i] = args[0] if args else kwargs["hidden_states"]
+        handles.append(receiver.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+_NOT_INPUTS = ("labels", "attention_mask", "position_ids")
+
+
+def drafter_positions(target: torch.nn.Module, batch: dict) -> torch.Tensor | None:
+    """The positions vLLM gives a DFlash drafter: an M-RoPE target's temporal row (text after an image continues
+    from the image's compressed positions), plain RoPE over them; None (0..S-1) for other targets."""
+    base = getattr(target, "model", None)
+    if "image_grid_thw" not in batch or not hasattr(base, "get_rope_index"):
+        return None
+    types = next((batch[k] for k in ("mm_token_type_ids", "token_type_ids") if k in batch),
+                 torch.zeros_like(batch["input_ids"]))
+    mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+    position_ids, _ = base.get_rope_index(batch["input_ids"], mm_token_type_ids=types,
+                                          image_grid_thw=batch["image_grid_thw"], attention_mask=mask)
+    return position_ids[0]
+
+
+class DFlashRunner:
+    """Turns micro-batches into drafter gradients; the target runs without gradients."""
+
+    held_elsewhere: frozenset[int] = frozenset()
+
+    def __init__(self, drafter, target, config, gamma: float, anchors: int, seed: int, chunk_size: int):
+        self.drafter, self.target, self.config = drafter, target, config
+        self.block, self.mask_id = config.block_size, config.dflash_config["mask_token_id"]
+        self.layer_ids = config.dflash_config["target_layer_ids"]
+        self.gamma, self.weights = gamma, dflash.slot_weights(self.block, gamma)
+        self.anchors, self.seed, self.chunk_size = anchors, seed, chunk_size
+
+    def _seed(self, batch) -> int:  # the same anchors on resume: derived from the batch itself
+        return self.seed * 7919 + int(batch["input_ids"].sum())
+
+    def targets(self, micro_batches) -> float:
+        """The step's normaliser: the summed slot weights of every trained block position."""
+        return sum(dflash.weight_sum(b["labels"], b["input_ids"], self.anchors, self._seed(b), self.block, self.gamma)
+                   for b in micro_batches)
+
+    @torch.no_grad()
+    def features(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target's chosen layer outputs [R, S, K*H] and its final hidden states (for greedy tokens)."""
+        inputs = {k: v for k, v in batch.items() if k not in _NOT_INPUTS}
+        with target_features(self.target, self.layer_ids) as captured:
+            out = self.target(**inputs, attention_mask=batch["attention_mask"], use_cache=False,
+                              output_hidden_states=True)
+        return torch.cat([captured[i] for i in self.layer_ids], dim=-1), out.hidden_states[-1]
+
+    def block_states(self, batch, features, rows, anchors) -> torch.Tensor:
+        ids = dflash.block_inputs(batch["input_ids"], rows, anchors, self.block, self.mask_id)
+        embeds = self.target.get_input_embeddings()(ids).detach()
+        return self.drafter(features, embeds, anchors, rows, drafter_positions(self.target, batch))
+
+    def loss(self, batch, rows, anchors, features) -> torch.Tensor:
+        states = self.block_states(batch, features, rows, anchors)
+        targets, valid = dflash.block_targets(batch["input_ids"], batch["labels"], rows, anchors, self.block)
+        head = self.target.get_output_embeddings()
+        total = states.new_zeros((), dtype=torch.float32)
+        for k in range(1, self.block):  # one weight per slot: chunked CE per slot, weighted
+            keep = valid[:, k]
+            if keep.any():
+                total = total + self.weights[k] * chunked_cross_entropy(
+                    states[keep, k], head.weight, targets[keep, k], self.chunk_size, head.bias)
+        return total
+
+    def train_micro_batches(self, micro_batches, scale: float, device) -> torch.Tensor:
+        loss_sum = torch.zeros((), device=device)
+        for mb in micro_batches:
+            mb = {k: v.to(device) for k, v in mb.items()}
+            rows, anchors = dflash.choose_anchors(mb["labels"], self.anchors, self._seed(mb))
+            features, _ = self.features(mb)
+            summed = self.loss(mb, rows, anchors, features)
+            (summed * scale).backward()
+            loss_sum += summed.detach()
+        return loss_sum
+
+    @torch.no_grad()
+    def evaluate(self, batches, device) -> dict:
+        """Weighted block loss, and tau replayed over the answers with the target's greedy tokens as correct."""
+        self.drafter.eval()
+        loss, weight, drafts, ceiling_drafts = 0.0, 0.0, 0, 0
+        accepted, ceiling_accepted = [0] * (self.block - 1), [0] * (self.block - 1)
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            features, final = self.features(batch)
+            rows, anchors = dflash.choose_anchors(batch["labels"], 10**9, 0)  # every answer position
+            if len(anchors) == 0:
+                continue
+            states = self.block_states(batch, features, rows, anchors)
+            targets, valid = dflash.block_targets(batch["input_ids"], batch["labels"], rows, anchors, self.block)
+            head = self.target.get_output_embeddings()
+            for k in range(1, self.block):
+                keep = valid[:, k]
+                if keep.any():
+                    loss += float(self.weights[k] * chunked_cross_entropy(states[keep, k], head.weight,
+                                                                          targets[keep, k], 4096, head.bias))
+            weight += float((valid * self.weights.to(valid.device)).sum())
+            drafted = _greedy(self.target, states)  # [N, B]: slot k's token for position anchor + k
+            greedy = _greedy(self.target, final).tolist()  # greedy[r][t]: the target's token for t + 1
+            for r, labels in enumerate(batch["labels"].tolist()):
+                mine = (rows == r).nonzero().squeeze(1)
+                by_anchor = {int(anchors[i]): drafted[i].tolist() for i in mine}
+                correct = [-1] + greedy[r]
+                for start, end in answer_spans(labels):
+                    # drafted[j-1][m-1]: depth j's token for position m + j, from the block anchored at m
+                    table = [[by_anchor.get(m, [-1] * self.block)[j] for m in range(1, len(labels) + 1)]
+                             for j in range(1, self.block)]
+                    drafts += replay_drafts(table, correct, start, end, accepted)
+                    ceiling_drafts += replay_drafts([[correct[m + j] if m + j < len(correct) else -1 for m in range(1, len(labels) + 1)]
+                                   for j in range(1, self.block)], correct, start, end, ceiling_accepted)
+        self.drafter.train()
+        return {"loss": loss, "weight": weight, "accepted": accepted, "drafts": drafts,
+                "ceiling_accepted": ceiling_accepted, "ceiling_drafts": ceiling_drafts}
+
+
+def ensure_target(path: str, say) -> None:
+    """`runs/<recipe>/final` of a shipped recipe that has not run yet: train it first (quickstart_dflash)."""
+    from shipyard.config import load_recipe, shipped_recipes
+
+    p = Path(path)
+    if p.exists() or p.name != "final" or p.parent.parent.name != "runs" or p.parent.name not in shipped_recipes():
+        return
+    say(f"draft.target {path} does not exist yet: training the `{p.parent.name}` recipe first")
+    from shipyard.train.loop import train
+
+    train(load_recipe(p.parent.name, [f"output_dir={p.parent}"]))
+
+
+def tau(accepted: list[int], drafts: int) -> float:
+    return 1 + sum(accepted) / max(drafts, 1)
+
+
+def train_dflash(recipe: Recipe) -> dict:
+    draft = recipe.draft
+    dist_info = init_distributed(recipe.train.device, need_group=recipe.parallel.fsdp is True)
+    main = dist_info.is_main
+    say = print if main else (lambda *a, **k: None)
+    started = time.perf_counter()
+    out = recipe.out_dir
+    ckpt_root = out / "checkpoints"
+    if recipe.parallel.pp > 1 or recipe.lora is not None:
+        raise ShipyardError("task: dflash trains the whole drafter on one pipeline stage: parallel.pp must be 1 and "
+                            "lora unset")
+    if main:
+        ensure_target(draft.target, say)
+    broadcast_object(None)  # the others wait for the target to exist
+
+    torch.manual_seed(recipe.seed)
+    target_cfg = ModelConfig(path=draft.target, trust_remote_code=recipe.model.trust_remote_code)
+    target, tokenizer, source = load(target_cfg, recipe.seed, recipe.data.chat_template_kwargs)
+    if not tokenizer.chat_template:
+        raise ShipyardError(f"draft.target {draft.target}: its tokenizer has no chat template; the drafter learns "
+                            "the target's answers to chat prompts, rendered as the target serves them")
+    target.requires_grad_(False)
+    target.eval()
+    text = target.config.get_text_config()
+    layer_ids = draft.target_layer_ids or dflash.default_target_layer_ids(text.num_hidden_layers)
+    dflash.check_layer_ids(layer_ids, text.num_hidden_layers)
+    processor = load_processor(target_cfg, source, tokenizer)
+    encoder = image_encoder(processor, recipe.data)
+    eos_ids = eos_token_ids(tokenizer, getattr(target.generation_config, "eos_token_id", None))
+    data = build_datasets(recipe.data, tokenizer, recipe.seed, stop_ids=eos_ids, encoder=encoder)
+    used = {t for s in data.train for t in s.input_ids}
+    mask_id = dflash.mask_token_id(tokenizer, target.get_input_embeddings().num_embeddings, draft.mask_token, used)
+    config = dflash.drafter_config(target.config, draft.num_layers, draft.block_size, layer_ids, mask_id)
+    config.shipyard_target = str(source.local_dir or source.name)
+    drafter = dflash.DFlashDrafter(config)
+    drafter.init_weights(recipe.seed)
+    model_fingerprint = fingerprint(drafter)
+
+    topo = build_topology(recipe.parallel, dist_info, use_fsdp(recipe.parallel, dist_info))
+    bf16 = False
+    target = apply_parallelism(target, recipe.parallel, topo, dist_info.device, bf16)
+    drafter = apply_parallelism(drafter, recipe.parallel, topo, dist_info.device, bf16)
+    runner = DFlashRunner(drafter, target, config, draft.slot_decay, draft.anchors_per_sequence, recipe.seed,
+                          recipe.train.loss_chunk_size)
+    from shipyard.train.loop import plan_batches, start_or_resume
+
+    plan = plan_batches(recipe, topo)
+    total_steps = recipe.train.max_steps or max(1, math.ceil(recipe.train.epochs * len(data.train) / plan.global_batch))
+    optimizer = build_optimizer(list(drafter.named_parameters()), recipe.optim, dist_info.device)
+    scheduler = build_scheduler(optimizer, total_steps, recipe.optim)
+    batches = StepBatches(data.train, plan, recipe.seed, tokenizer.pad_token_id, None, encoder)
+    probe = make_probe(tokenizer, data.validation_records, data.train_records, recipe.data.multi_turn, eos_ids, encoder,
+                       held_out=True)
+    meta = ModelMeta(config=config, architecture=dflash.ARCHITECTURE, tokenizer=tokenizer, base_name=draft.target,
+                     base_eos=getattr(target.generation_config, "eos_token_id", None), probe=probe)
+
+    resume_dir, start_step = start_or_resume(recipe, drafter, optimizer, scheduler, batches, dist_info,
+                                             model_fingerprint, total_steps, say)
+    n_params = sum(p.numel() for p in drafter.parameters())
+    say(f"shipyard dflash: drafter of {draft.num_layers} layer(s) ({n_params / 1e6:.2f}M parameters) for "
+        f"{draft.target} ({sum(p.numel() for p in target.parameters()) / 1e6:.2f}M, frozen) on {dist_info.device} "
+        f"x{dist_info.world_size}; block size {draft.block_size}, target layers {layer_ids}, mask token "
+        f"{tokenizer.convert_ids_to_tokens(mask_id)!r} ({mask_id}), gamma {draft.slot_decay:g}; "
+        f"{len(data.train)} train / {len(data.validation)} validation samples "
+        f"({count_targets(data.train):,} supervised tokens); {total_steps} steps")
+    if data.skipped.report()["total"] or data.truncated:
+        say(f"data: skipped {data.skipped.report()}, truncated {data.truncated}")
+
+    def evaluate() -> dict:
+        rows = list(eval_batches(data.validation, recipe.eval.batch_size, tokenizer.pad_token_id, topo.dp_rank,
+                                 topo.dp_size, encoder))
+        raw = runner.evaluate(rows, dist_info.device)
+        drafts = all_reduce_sum(raw["drafts"], dist_info.device)
+        accepted = [all_reduce_sum(a, dist_info.device) for a in raw["accepted"]]
+        ceiling = [all_reduce_sum(a, dist_info.device) for a in raw["ceiling_accepted"]]
+        ceiling_drafts = all_reduce_sum(raw["ceiling_drafts"], dist_info.device)
+        return {"loss": all_reduce_sum(raw["loss"], dist_info.device) / max(all_reduce_sum(raw["weight"],
+                                                                                            dist_info.device), 1e-9),
+                "mean_acceptance_length": tau(accepted, drafts),
+                "ceiling_mean_acceptance_length": tau(ceiling, ceiling_drafts),
+                "acceptance_per_position": [a / max(drafts, 1) for a in accepted], "drafts": drafts}
+
+    logger = MetricsLogger(out, total_steps, start_step, recipe.train.log_every, enabled=main)
+    last_saved = resume_dir if start_step == total_steps else None
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        micro_batches = batches.next_step()
+        metrics = train_step(runner, params, micro_batches, optimizer, scheduler, recipe.train.max_grad_norm, topo,
+                             dist_info.device)
+        tokens = all_reduce_sum(sum(int(mb["attention_mask"].sum()) for mb in micro_batches), dist_info.device,
+                                group=topo.dp_group)
+        elapsed = time.perf_counter() - t0
+        metrics.update({"train/tokens": tokens, "train/tokens_per_second": tokens / elapsed})
+        done = step + 1
+        if recipe.train.eval_every and done % recipe.train.eval_every == 0 and data.validation:
+            ev = evaluate()
+            metrics.update({"eval/loss": ev["loss"], "eval/tau": ev["mean_acceptance_length"]})
+        logger.log(done, metrics)
+        every = recipe.checkpoint.every_steps
+        if done == total_steps or (every and done % every == 0):
+            last_saved = save_checkpoint(
+                ckpt_root, done, model=drafter, optimizer=optimizer,
+                trainer_state={"scheduler": scheduler.state_dict(), "data": batches.state_dict()},
+                meta=meta, dist_info=dist_info, consolidate=True, keep_last=recipe.checkpoint.keep_last,
+                model_fingerprint=model_fingerprint,
+            )
+    logger.close()
+    last_loss, train_tokens, train_seconds = run_totals(out / "metrics.jsonl") if main else (None, 0, 0.0)
+    summary_eval = evaluate() if data.validation else {}
+    final_dir = out / "final"
+    export_checkpoint(last_saved, final_dir, force=True, dist_info=dist_info)
+    if summary_eval:
+        say(f"drafter: tau {summary_eval['mean_acceptance_length']:.3f} (ceiling "
+            f"{summary_eval['ceiling_mean_acceptance_length']:.3f}) offline on {len(data.validation)} validation "
+            "answers, counted to each answer's end")
+    summary = {
+        "task": "dflash",
+        "final_train_loss": last_loss,
+        "eval": summary_eval,
+        "tokens_per_second": train_tokens / train_seconds if train_seconds else 0.0,
+        "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - started,
+        "steps": total_steps,
+        "resumed_from_step": start_step,
+        "skipped_records": data.skipped.report(),
+        "target": draft.target,
+        "final_checkpoint": str(final_dir),
+        "last_step_checkpoint": str(last_saved),
+    }
+    if main:
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        plot_loss(out / "metrics.jsonl", out / "loss.png")
+    return summary
+
