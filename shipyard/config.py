@@ -71,7 +71,7 @@ class ModelConfig(Section):
     )
     freeze: list[str] = Field(
         default_factory=list, description="Parts left untrained (no gradients, no optimizer state, bit-identical "
-        "after training): vision_tower, projector, language_model, embeddings, or parameter-name globs "
+        "after training): vision_tower, audio_encoder, projector, language_model, embeddings, or parameter-name globs "
         "(model.visual.blocks.0.*)."
     )
     mtp: MTPConfig | None = Field(None, description="Attach and train multi-token-prediction heads ({} for the "
@@ -82,9 +82,12 @@ class DataSource(Section):
     """One dataset: a JSONL file / `datasets`-readable file, or a built-in synthetic task."""
 
     path: str | None = Field(None, description="JSONL file (or .json/.parquet/.csv read through `datasets`).")
-    synthetic: Literal["reverse_words", "sort_words", "shapes", "shapes_mixed"] | None = Field(
+    synthetic: Literal["reverse_words", "sort_words", "shapes", "shapes_mixed", "spoken_digits",
+                       "spoken_digits_heldout", "spoken_digits_unseen_voices"] | None = Field(
         None, description="Built-in generated task (shapes: 'What is at the top left?' about coloured shapes in "
-        "64x64 images; shapes_mixed: also counting and 'Where is ...?', harder)."
+        "64x64 images; shapes_mixed: also counting and 'Where is ...?', harder; spoken_digits: speech synthesised "
+        "offline with eSpeak NG, digit strings and commands to transcribe; _heldout: sequences training never "
+        "has; _unseen_voices: those sequences in voices training never has)."
     )
     num_records: int = Field(10_000, gt=0, description="Records to generate (synthetic only).")
     seed: int = Field(0, description="Generator seed (synthetic only).")
@@ -128,6 +131,8 @@ class DataConfig(Section):
                                    "own. Written into the export, so vLLM makes as many image tokens as training.")
     max_image_pixels: int | None = Field(None, gt=0, description="Refuse images above this many pixels (a resize "
                                          "to max_pixels would destroy them); default: 16 x max_pixels.")
+    max_audio_seconds: float = Field(30.0, gt=0, description="Refuse audio clips longer than this (each second "
+                                     "is ~6 audio tokens with the default 8x subsampling and 2-frame stacking).")
     drop_images: bool = Field(False, description="Train on the text alone, image parts removed: the baseline that "
                               "shows how much the images matter.")
     packing: bool | Literal["auto"] = Field(

@@ -262,7 +262,7 @@ BAD = {
 
 
 def vlm_setup(tmp_path: Path, lines: list[dict | None], on_error: str):
-    from shipyard.data.images import image_encoder
+    from shipyard.data.images import media_encoder
 
     imgs = tmp_path / "imgs"
     png(imgs / "ok.png", 64, 64)
@@ -273,7 +273,7 @@ def vlm_setup(tmp_path: Path, lines: list[dict | None], on_error: str):
                                             f"data.on_error={on_error}", "data.max_length=512",
                                             f"output_dir={tmp_path / 'run'}"])
     processor = qwen3_vl()[1]
-    encoder = image_encoder(processor, recipe.data)
+    encoder = media_encoder(processor, recipe.data)
     assert encoder.max_image_pixels == 262144 and pixel_limits(processor) == (4096, 16384)
     return path, recipe, processor.tokenizer, encoder
 
@@ -360,7 +360,7 @@ def test_text_model_refuses_image_records(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "hi"}, answer("ok")]},
                                               {"messages": [user(image("a.png"), "What is it?"), answer("x")]}])
     recipe = load_recipe("quickstart", [f"data.train={path}", "data.validation=[]"])
-    with pytest.raises(ShipyardError, match="^" + re.escape(f"{path}:2: the record has image parts, but the model is text-only")):
+    with pytest.raises(ShipyardError, match="^" + re.escape(f"{path}:2: the record has image or audio parts, but the model is text-only")):
         build_datasets(recipe.data, tokenizer, seed=0)
     skip = load_recipe("quickstart", [f"data.train={path}", "data.validation=[]", "data.on_error=skip"])
     data = build_datasets(skip.data, tokenizer, seed=0)

@@ -41,7 +41,7 @@ from functools import lru_cache
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from shipyard.data.images import ImageEncoder, images_of
+from shipyard.data.images import ImageEncoder, media_of
 from shipyard.data.messages import Record, RecordError, reasoning_of, text_of, without_reasoning
 from shipyard.errors import ShipyardError
 
@@ -92,9 +92,11 @@ def render(
     with_spans: bool = False,
 ) -> tuple[str, list[tuple[int, int]]]:
     """The template's text for `messages`, and the character spans of its `{% generation %}` blocks."""
+    from shipyard.data.audio import audio_parts_as_text
+
     template = tokenizer.get_chat_template(None, tools)
     texts, spans = render_jinja_template(
-        [messages], tools=tools, chat_template=template, return_assistant_tokens_mask=with_spans,
+        [audio_parts_as_text(messages)], tools=tools, chat_template=template, return_assistant_tokens_mask=with_spans,
         add_generation_prompt=add_generation_prompt, **{**tokenizer.special_tokens_map, **(kwargs or {})},
     )
     return texts[0], [tuple(s) for s in spans[0]] if with_spans else []
@@ -266,12 +268,12 @@ def tokenize_record(tokenizer: PreTrainedTokenizerBase, record: Record, multi_tu
     """
     if multi_turn not in MULTI_TURN_MODES:
         raise ValueError(f"multi_turn must be one of {MULTI_TURN_MODES}")
-    if encoder is None and images_of(record.messages):
-        raise RecordError("the record has image parts, but the model is text-only (its config has no vision tower); "
-                          "use a vision-language model or data.drop_images=true", reason="image_for_text_model")
+    if encoder is None and media_of(record.messages):
+        raise RecordError("the record has image or audio parts, but the model is text-only (no vision tower or audio "
+                          "encoder); use a multimodal model or data.drop_images=true", reason="image_for_text_model")
 
     def encode_prompt(text: str, messages: list[dict]) -> list[int]:
-        return encoder.encode(text, images_of(messages)) if encoder is not None else _encode(tokenizer, text)
+        return encoder.encode(text, media_of(messages)) if encoder is not None else _encode(tokenizer, text)
 
     kwargs = record.template_kwargs
     stops = tokenizer.convert_ids_to_tokens(stop_ids if stop_ids is not None else eos_token_ids(tokenizer))
@@ -299,7 +301,7 @@ def tokenize_record(tokenizer: PreTrainedTokenizerBase, record: Record, multi_tu
     samples: list[Sample] = []
     if whole_ids is not None:
         samples.append(Sample(whole_ids, [IGNORE_INDEX] * len(whole_ids), record.origin,
-                              images=tuple(images_of(record.messages))))
+                              images=tuple(media_of(record.messages))))
     for i, prompt_ids, completion_ids in reversed(turns):  # the last turn's sample holds the most history
         if any(_supervise(s, prompt_ids, completion_ids, i) for s in samples):
             counts["supervised"] += 1
@@ -308,7 +310,7 @@ def tokenize_record(tokenizer: PreTrainedTokenizerBase, record: Record, multi_tu
         else:
             ids = prompt_ids + completion_ids
             samples.append(Sample(ids, [IGNORE_INDEX] * len(ids), record.origin,
-                                  images=tuple(images_of(record.messages[:i]))))
+                                  images=tuple(media_of(record.messages[:i]))))
             _supervise(samples[-1], prompt_ids, completion_ids, i)
             counts["supervised"] += 1
     samples = [s for s in reversed(samples) if s.turns]

@@ -45,7 +45,7 @@ def _fit_length(sample: Sample, max_length: int, policy: str, encoder: ImageEnco
         return sample
     if policy == "drop":
         return "overlength"
-    if encoder is not None and encoder.image_token_id in sample.input_ids[max_length:]:
+    if encoder is not None and encoder.placeholder_id in sample.input_ids[max_length:]:
         return "overlength_cuts_image"  # an image's tokens must all be there, or its features have nowhere to go
     cut = Sample(sample.input_ids[:max_length], sample.labels[:max_length], sample.source, sample.turns, sample.images)
     return cut if cut.num_targets else "overlength_no_target_left"

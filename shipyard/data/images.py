@@ -10,7 +10,7 @@ the processor's chat template sees as an image part, as vLLM hands it one). The 
 placeholder per image; the model's own processor expands each placeholder into as many tokens as the
 image gets (Qwen-VL: one per 32x32 pixels after resizing into its pixel limits), which makes training
 ids token-for-token those vLLM builds for the same dialog. Pixels are computed again when a batch is
-built (`ImageEncoder.pixel_inputs`), so memory holds references, not tensors.
+built (`ImageEncoder.media_inputs`), so memory holds references, not tensors.
 """
 
 from __future__ import annotations
@@ -88,24 +88,24 @@ def open_image(ref: str, max_pixels: int | None = None) -> Image.Image:
         raise RecordError(f"image {describe(ref)} cannot be read ({type(e).__name__}: {e})", reason="bad_image") from None
 
 
-def images_of(messages: list[dict]) -> list[str]:
-    """The image references of `messages` in rendering order."""
-    return [part["image"] for m in messages if isinstance(m["content"], list)
-            for part in m["content"] if part.get("type") == "image"]
+def media_of(messages: list[dict]) -> list[str]:
+    """The image and audio references of `messages` in rendering order (a model takes one kind or the other)."""
+    return [part.get("image") or part["audio"] for m in messages if isinstance(m["content"], list)
+            for part in m["content"] if part.get("type") in ("image", "audio")]
 
 
 class ImageEncoder:
     """A vision-language model's processor, as the data pipeline uses it.
 
     `encode` turns rendered text with its images into ids with the placeholders expanded by the
-    processor itself; `pixel_inputs` builds the pixel tensors of a batch's images (in id order).
+    processor itself; `media_inputs` builds the pixel tensors of a batch's images (in id order).
     """
 
     def __init__(self, processor, max_image_pixels: int | None = None):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token = processor.image_token
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.image_token_id = self.placeholder_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.max_image_pixels = max_image_pixels  # larger images are refused (a resize would destroy them)
         names = getattr(processor, "model_input_names", [])
         # Token-type ids mark image positions (Qwen3-VL: M-RoPE; Gemma 3: bidirectional image attention).
@@ -128,7 +128,7 @@ class ImageEncoder:
         out = self.processor(text=[text], images=[self.load(r) for r in images], add_special_tokens=False)
         return list(out["input_ids"][0])
 
-    def pixel_inputs(self, images: list[str]) -> dict[str, torch.Tensor]:
+    def media_inputs(self, images: list[str]) -> dict[str, torch.Tensor]:
         if not images:
             return {}
         out = self.processor.image_processor(images=[self.load(r) for r in images], return_tensors="pt")
@@ -138,13 +138,17 @@ class ImageEncoder:
         return {k: (input_ids == self.image_token_id).long() for k in self.type_keys}
 
 
-def image_encoder(processor, cfg) -> ImageEncoder | None:
-    """The data pipeline's view of a vision-language model's processor (None for text models), with the
-    recipe's pixel limits (`cfg`: the recipe's data section) set on it."""
+def media_encoder(processor, cfg) -> ImageEncoder | None:
+    """The data pipeline's view of a multimodal model's processor (None for text models): an AudioEncoder for a
+    speech-LM; else an ImageEncoder with the recipe's pixel limits (`cfg`: the recipe's data section) set on it."""
     from shipyard.models.vision import apply_pixel_limits, pixel_limits
 
     if processor is None:
         return None
+    if hasattr(processor, "audio_token_count"):
+        from shipyard.data.audio import AudioEncoder
+
+        return AudioEncoder(processor, cfg.max_audio_seconds)
     apply_pixel_limits(processor, cfg.min_pixels, cfg.max_pixels)
     limit = cfg.max_image_pixels
     if limit is None and (limits := pixel_limits(processor)):

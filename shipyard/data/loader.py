@@ -110,12 +110,14 @@ def collate(samples: list[Sample], pad_id: int, encoder: ImageEncoder | None = N
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     if encoder is not None and image_chunk_rows:
         groups = [samples[k : k + image_chunk_rows] for k in range(0, len(samples), image_chunk_rows)]
-        batch["image_chunks"] = [encoder.pixel_inputs([ref for s in group for ref in s.images]) for group in groups]
+        batch["image_chunks"] = [encoder.media_inputs([ref for s in group for ref in s.images]) for group in groups]
         batch.update(encoder.type_ids(input_ids))
     elif encoder is not None:
-        batch.update(encoder.pixel_inputs([ref for s in samples for ref in s.images]))
+        batch.update(encoder.media_inputs([ref for s in samples for ref in s.images]))
         if "pixel_values" in batch:
             batch.update(encoder.type_ids(input_ids))
+        if "input_features" in batch:  # a speech-LM: its clips' transcripts, when it trains with a CTC side loss
+            batch.update(encoder.ctc_targets(samples))
     return batch
 
 

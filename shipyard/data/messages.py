@@ -12,7 +12,8 @@ the way serving will:
 - `content` as a list of text parts becomes their texts joined by newlines; a list
   with images stays a list of `{"type": "text"}` and `{"type": "image", "image": REF}`
   parts (REF an absolute path or data: URI, see data/images.py), which is what a
-  vision-language template iterates over;
+  vision-language template iterates over; audio parts become `{"type": "audio",
+  "audio": PATH}` (see data/audio.py for how a text template sees them);
 - reasoning (`reasoning_content`, or its aliases `reasoning` / `thinking`) is
   offered to the template as both `reasoning_content` and `reasoning`;
 - tool-call `arguments` given as a JSON string become a mapping (templates
@@ -68,12 +69,13 @@ def text_of(content: str | list) -> str:
 
 
 def without_images(record: Record) -> Record:
-    """`record` with its image parts removed (data.drop_images): text content as a text-only model sees it."""
+    """`record` with its image and audio parts removed (data.drop_images): text content as a text-only model sees it."""
     messages = [{**m, "content": text_of(m["content"])} for m in record.messages]
     return Record(messages, record.origin, record.tools, record.template_kwargs)
 
 
 def _content(value: Any, where: str, role: str, has_tool_calls: bool, image_root: Path | None) -> str | list[dict]:
+    from shipyard.data.audio import AUDIO_PART_TYPES, resolve_audio_ref
     from shipyard.data.images import IMAGE_PART_TYPES, resolve_image_ref
 
     if isinstance(value, str):
@@ -93,12 +95,19 @@ def _content(value: Any, where: str, role: str, has_tool_calls: bool, image_root
                     raise RecordError(f"{where}.content[{j}] is an image in an assistant turn; models read images, "
                                       "they do not write them", reason="image_in_assistant_turn")
                 parts.append({"type": "image", "image": resolve_image_ref(part, f"{where}.content[{j}]", image_root)})
-            elif kind in ("audio", "input_audio", "video"):
-                raise RecordError(f"{where}.content[{j}] is an {kind} part; shipyard trains text and images")
+            elif kind in AUDIO_PART_TYPES:
+                if role == "assistant":
+                    raise RecordError(f"{where}.content[{j}] is audio in an assistant turn; speech-LMs read audio, "
+                                      "they do not write it", reason="audio_in_assistant_turn")
+                parts.append({"type": "audio", "audio": resolve_audio_ref(part, f"{where}.content[{j}]", image_root)})
+            elif kind in ("input_audio", "video"):
+                raise RecordError(f'{where}.content[{j}] is an {kind} part; give audio as {{"type": "audio", '
+                                  '"audio": "clip.wav"}; videos are not trained')
             else:
-                raise RecordError(f'{where}.content[{j}] is not a text part like {{"type": "text", "text": "..."}} '
-                                  'or an image part like {"type": "image", "image": "path.png"}')
-        if any(p["type"] == "image" for p in parts):
+                raise RecordError(f'{where}.content[{j}] is not a text part like {{"type": "text", "text": "..."}}, '
+                                  'an image part like {"type": "image", "image": "path.png"} or an audio part like '
+                                  '{"type": "audio", "audio": "clip.wav"}')
+        if any(p["type"] in ("image", "audio") for p in parts):
             return parts
         return "\n".join(p["text"] for p in parts)
     raise RecordError(f"{where}.content must be a string, a list of text/image parts or null (got {type(value).__name__})")

@@ -14,7 +14,7 @@ from typing import TextIO
 from shipyard.config import Recipe
 from shipyard.data.chat import IGNORE_INDEX, Sample, eos_token_ids
 from shipyard.data.dataset import Datasets, build_datasets
-from shipyard.data.images import describe, image_encoder
+from shipyard.data.images import describe, media_encoder
 from shipyard.models.load import base_eos, load_processor, load_tokenizer, resolve_source
 
 HIGHLIGHT = ("\x1b[30;42m", "\x1b[0m")  # supervised tokens: black on green
@@ -31,7 +31,7 @@ def preview_datasets(recipe: Recipe, limit: int):
     source = resolve_source(model.path)
     tokenizer = load_tokenizer(model, source, recipe.data.chat_template_kwargs)
     stop_ids = eos_token_ids(tokenizer, base_eos(model, source))
-    encoder = image_encoder(load_processor(model, source, tokenizer), recipe.data)
+    encoder = media_encoder(load_processor(model, source, tokenizer), recipe.data)
     return tokenizer, build_datasets(recipe.data, tokenizer, recipe.seed, limit=limit, stop_ids=stop_ids, encoder=encoder)
 
 
@@ -84,6 +84,13 @@ def drafter_blocks(tokenizer, sample: Sample, draft) -> str:
             f"{' '.join(slots)} (slot:target@weight)")
 
 
+def media_label(refs) -> str:
+    import mimetypes
+
+    kinds = {(mimetypes.guess_type(r)[0] or "image/").split("/")[0] for r in refs if not r.startswith("data:")}
+    return "audio" if kinds == {"audio"} else "images"
+
+
 def print_preview(tokenizer, recipe: Recipe, data: Datasets, limit: int, stream: TextIO, color: bool) -> None:
     marks = HIGHLIGHT if color else BRACKETS
     legend = "green" if color else "[[inside double brackets]]"
@@ -94,7 +101,8 @@ def print_preview(tokenizer, recipe: Recipe, data: Datasets, limit: int, stream:
     for n, sample in enumerate(data.train, start=1):
         print(f"\n--- sample {n}: {sample.source}, assistant turns {list(sample.turns)}, "
               f"{len(sample.input_ids)} tokens, {sample.num_targets} supervised"
-              + (f", images: {', '.join(describe(r) for r in sample.images)}" if sample.images else ""), file=stream)
+              + (f", {media_label(sample.images)}: {', '.join(describe(r) for r in sample.images)}"
+                 if sample.images else ""), file=stream)
         print(highlighted(tokenizer, sample, marks), file=stream)
         if recipe.draft is not None:
             print(drafter_blocks(tokenizer, sample, recipe.draft), file=stream)

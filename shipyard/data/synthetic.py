@@ -64,4 +64,15 @@ def _shapes_mixed(num_records: int, seed: int) -> list[dict]:
     return shapes_mixed(num_records, seed)
 
 
-GENERATORS = {"reverse_words": reverse_words, "sort_words": sort_words, "shapes": _shapes, "shapes_mixed": _shapes_mixed}
+def _speech(split: str):
+    def generate(num_records: int, seed: int) -> list[dict]:
+        from shipyard.data.synthetic_speech import speech_task  # espeak + soundfile: only when a speech task is used
+
+        return speech_task(split, num_records, seed)
+
+    return generate
+
+
+GENERATORS = {"reverse_words": reverse_words, "sort_words": sort_words, "shapes": _shapes, "shapes_mixed": _shapes_mixed,
+              "spoken_digits": _speech("train"), "spoken_digits_heldout": _speech("heldout"),
+              "spoken_digits_unseen_voices": _speech("unseen_voices")}
