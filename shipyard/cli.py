@@ -88,6 +88,10 @@ def _print_train_report(recipe, summary: dict) -> None:
         print(f"exact match {ev['exact_match']:.1%} on {ev['num_prompts']} held-out prompts; for example:")
         for ex in ev["examples"][:3]:
             print(f"  {ex['prompt']!r} -> {ex['got']!r}" + ("" if ex["got"] == ex["expected"].strip() else f" (expected {ex['expected']!r})"))
+    if "wer" in ev:
+        print(f"word error rate {ev['wer']:.1%}"
+              + (" (" + ", ".join(f"{k.removeprefix('synthetic:')} {v:.1%}" for k, v in ev["wer_by_source"].items()) + ")"
+                 if "wer_by_source" in ev else ""))
     if summary["skipped_records"]["total"]:
         print(f"skipped records: {summary['skipped_records']}")
     final = summary["final_checkpoint"]
@@ -106,6 +110,8 @@ def _print_train_report(recipe, summary: dict) -> None:
     if adapter:
         print(f"  shipyard export {final} merged/ --merge-lora   # full weights with the adapter merged in")
         print(f"  python -c \"from peft import AutoPeftModelForCausalLM; m = AutoPeftModelForCausalLM.from_pretrained('{final}')\"")
+    elif '"shipyard_speechlm"' in (Path(final) / "config.json").read_text():  # a speech-LM: shipyard's vLLM plugin
+        print(f"  vllm serve {final}   # OpenAI server: chat messages with audio_url parts (16 kHz WAV/FLAC)")
     elif (Path(final) / "processor_config.json").is_file():  # a vision-language model
         print(f"  python -c \"from transformers import pipeline; print(pipeline('image-text-to-text', '{final}')("
               f"text=[{{'role': 'user', 'content': [{{'type': 'image', 'url': 'IMAGE.png'}}, "

@@ -88,18 +88,20 @@ def load_meta(src: Path, trust_remote_code: bool = False) -> tuple[ModelMeta, di
 
 
 def load_processor_of(src: Path, config, tokenizer, trust_remote_code: bool = False):
-    """A vision-language directory's processor (image settings), wired to the normalised tokenizer."""
+    """A vision-language or speech directory's processor (image / audio settings), wired to the normalised tokenizer."""
+    from shipyard.models.speechlm import is_speech_lm
     from shipyard.models.vision import is_vision_language
 
-    if not is_vision_language(config):
+    if not (is_vision_language(config) or is_speech_lm(config)):
         return None
     from transformers import AutoProcessor
 
     try:
         processor = AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ShipyardError(f"{src}: a vision-language model whose processor does not load ({str(e).splitlines()[0]}); "
-                            "its processor_config.json / preprocessor_config.json is needed to serve images") from None
+        raise ShipyardError(f"{src}: a multimodal model whose processor does not load ({str(e).splitlines()[0]}); "
+                            "its processor_config.json / preprocessor_config.json is needed to serve images or "
+                            "audio") from None
     processor.tokenizer = tokenizer
     return processor
 

@@ -23,8 +23,12 @@ from shipyard.data.chat import apply_template_defaults
 from shipyard.models.attention import choose_attention
 from shipyard.errors import ShipyardError, did_you_mean
 from shipyard.models.presets import PRESETS, preset_config
+from shipyard.models.speech_presets import SPEECH_PRESETS
+from shipyard.models.speechlm import is_speech_lm
 from shipyard.models.vision import is_vision_language
 from shipyard.models.vision_presets import VISION_PRESETS
+
+MULTIMODAL_PRESETS = {**VISION_PRESETS, **SPEECH_PRESETS}  # name -> () -> (config, processor)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,7 @@ def resolve_source(path: str) -> ModelSource:
         if not (local / "config.json").is_file():
             raise ShipyardError(f"model.path '{path}' is a directory without config.json: not a Hugging Face model directory")
         return ModelSource("local", path, local.resolve())
-    if path in PRESETS or path in VISION_PRESETS:
+    if path in PRESETS or path in MULTIMODAL_PRESETS:
         return ModelSource("preset", path, None)
     looks_local = path.startswith((".", "/", "~")) or local.suffix in {".json", ".safetensors", ".bin"}
     # A bare name close to a preset is a typo, not a hub id: say so now rather than after network retries.
@@ -70,7 +74,7 @@ def _hub_error(path: str, error: Exception) -> ShipyardError:
 
 def source_config(cfg: ModelConfig, source: ModelSource):
     if source.kind == "preset":
-        return VISION_PRESETS[source.name]()[0] if source.name in VISION_PRESETS else preset_config(source.name)
+        return MULTIMODAL_PRESETS[source.name]()[0] if source.name in MULTIMODAL_PRESETS else preset_config(source.name)
     try:
         return AutoConfig.from_pretrained(str(source.local_dir or source.name), trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
@@ -78,19 +82,20 @@ def source_config(cfg: ModelConfig, source: ModelSource):
 
 
 def load_processor(cfg: ModelConfig, source: ModelSource, tokenizer: PreTrainedTokenizerBase | None = None):
-    """A vision-language model's processor (None for text models), wired to `tokenizer` and its template."""
+    """A vision-language or speech model's processor (None for text models), wired to `tokenizer` and its template."""
     if source.kind == "preset":
-        if source.name not in VISION_PRESETS:
+        if source.name not in MULTIMODAL_PRESETS:
             return None
-        processor = VISION_PRESETS[source.name]()[1]
+        processor = MULTIMODAL_PRESETS[source.name]()[1]
     else:
-        if not is_vision_language(source_config(cfg, source)):
+        config = source_config(cfg, source)
+        if not (is_vision_language(config) or is_speech_lm(config)):
             return None
         path = str(source.local_dir or source.name)
         try:
             processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError, ImportError) as e:
-            raise ShipyardError(f"'{source.name}' is a vision-language model, but its processor does not load "
+            raise ShipyardError(f"'{source.name}' is a multimodal model, but its processor does not load "
                                 f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if tokenizer is not None:
         processor.tokenizer = tokenizer
@@ -111,7 +116,7 @@ def load_tokenizer(cfg: ModelConfig, source: ModelSource, template_defaults: dic
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as e:
             raise _hub_error(name, e) from None
-    if processor is not None and processor.chat_template:
+    if processor is not None and processor.chat_template and cfg.tokenizer is None:
         tokenizer.chat_template = processor.chat_template
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and loss, so any id works; EOS is the usual choice.
@@ -143,6 +148,8 @@ def load_model(cfg: ModelConfig, source: ModelSource, seed: int) -> PreTrainedMo
         torch.manual_seed(seed)  # presets start from random weights: make them reproducible
         model = auto.from_config(config, dtype=torch.float32,
                                  attn_implementation=choose_attention(config, cfg.attn_implementation))
+        if is_speech_lm(config):
+            model.reset_audio_convolutions()  # an encoder trained from scratch (see the method)
         model.name_or_path = source.name
         return model
     try:
@@ -167,11 +174,24 @@ def load_model(cfg: ModelConfig, source: ModelSource, seed: int) -> PreTrainedMo
     return model
 
 
+def register_audio_token(tokenizer: PreTrainedTokenizerBase, config) -> None:
+    """A speech-LM's tokenizer holds its placeholder as a special token (added when a tokenizer given with
+    model.tokenizer lacks it), and the config names that token's id: one source of truth for every loader."""
+    from tokenizers import AddedToken
+
+    token = config.audio_token
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
+    config.audio_token_id = tokenizer.convert_tokens_to_ids(token)
+
+
 def load(cfg: ModelConfig, seed: int, template_defaults: dict | None = None
          ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]:
     source = resolve_source(cfg.path)
     tokenizer = load_tokenizer(cfg, source, template_defaults)
     model = load_model(cfg, source, seed)
+    if is_speech_lm(model.config):
+        register_audio_token(tokenizer, model.config)
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         # Added special tokens must own embedding rows, or they index past the table at train and serve time.

@@ -36,7 +36,7 @@ from shipyard.errors import ShipyardError
 
 PROJECTOR_NAMES = ("merger", "deepstack_merger_list", "connector", "multi_modal_projector", "mm_projector",
                    "projector")
-FREEZE_GROUPS = ("vision_tower", "projector", "language_model", "embeddings")
+FREEZE_GROUPS = ("vision_tower", "audio_encoder", "projector", "language_model", "embeddings")
 
 
 def is_vision_language(config: PretrainedConfig) -> bool:
@@ -92,9 +92,16 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
 
 def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
     """Turn off gradients for the named groups / parameter-name globs; returns the frozen names."""
-    groups = parameter_groups(model) if is_vision_language(model.config) else {
-        "language_model": [n for n, _ in model.named_parameters()],
-        "embeddings": [n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight]}
+    if is_vision_language(model.config):
+        groups = parameter_groups(model)
+    elif hasattr(model, "audio_encoder"):  # a speech-LM (models/speechlm): its parts are its top-level modules
+        names = [n for n, _ in model.named_parameters()]
+        groups = {part: [n for n in names if n.startswith(part + ".")]
+                  for part in ("audio_encoder", "projector", "language_model")}
+        groups["embeddings"] = [n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight]
+    else:
+        groups = {"language_model": [n for n, _ in model.named_parameters()],
+                  "embeddings": [n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight]}
     params = dict(model.named_parameters())
     frozen: list[str] = []
     for pattern in patterns:

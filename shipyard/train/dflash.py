@@ -20,7 +20,7 @@ from shipyard.checkpoint.store import fingerprint, save_checkpoint
 from shipyard.config import ModelConfig, Recipe
 from shipyard.data.chat import eos_token_ids
 from shipyard.data.dataset import build_datasets, count_targets
-from shipyard.data.images import image_encoder
+from shipyard.data.images import media_encoder
 from shipyard.data.loader import StepBatches, eval_batches
 from shipyard.errors import ShipyardError
 from shipyard.export.export import export_checkpoint
@@ -220,7 +220,7 @@ def train_dflash(recipe: Recipe) -> dict:
     layer_ids = draft.target_layer_ids or dflash.default_target_layer_ids(text.num_hidden_layers)
     dflash.check_layer_ids(layer_ids, text.num_hidden_layers)
     processor = load_processor(target_cfg, source, tokenizer)
-    encoder = image_encoder(processor, recipe.data)
+    encoder = media_encoder(processor, recipe.data)
     eos_ids = eos_token_ids(tokenizer, getattr(target.generation_config, "eos_token_id", None))
     data = build_datasets(recipe.data, tokenizer, recipe.seed, stop_ids=eos_ids, encoder=encoder)
     used = {t for s in data.train for t in s.input_ids}

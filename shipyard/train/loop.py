@@ -27,10 +27,11 @@ from shipyard.export.export import export_checkpoint
 from shipyard.data.chat import eos_token_ids
 from shipyard.export.hf import ModelMeta, WeightLayout
 from shipyard.fsutil import write_text_atomic
-from shipyard.data.images import image_encoder
+from shipyard.data.images import media_encoder
 from shipyard.export.mtp_layout import existing_mtp_layers
 from shipyard.models import mtp
 from shipyard.models.load import load, load_processor
+from shipyard.models.speechlm import is_speech_lm
 from shipyard.models.vision import blank_image_inputs, freeze, pixel_limits
 from shipyard.parallel import pipeline
 from shipyard.parallel.dist import DistInfo, all_reduce_sum, broadcast_object, init_distributed, on_main
@@ -131,8 +132,8 @@ def packing_length(model, recipe: Recipe, topo: Topology, say, is_vlm: bool = Fa
         return None
     if is_vlm:
         if mode is True:
-            raise ShipyardError("data.packing=true is not supported for vision-language models (image features and "
-                                "M-RoPE positions are per sample); use data.packing=false")
+            raise ShipyardError("data.packing=true is not supported for vision-language and speech models (image and "
+                                "audio features are per sample); use data.packing=false")
         return None
     if topo.pp_size > 1:
         if mode is True:
@@ -270,20 +271,27 @@ def train(recipe: Recipe) -> TrainResult:
     model, tokenizer, source = load(recipe.model, recipe.seed, recipe.data.chat_template_kwargs)
     meta = model_meta(model, tokenizer, source)
     meta.processor = processor = load_processor(recipe.model, source, tokenizer)
-    encoder = image_encoder(processor, recipe.data)
+    encoder = media_encoder(processor, recipe.data)
+    speech = is_speech_lm(model.config)
+    if speech:
+        encoder.ctc = model.config.ctc_loss_weight > 0
+        if recipe.parallel.pp > 1:
+            raise ShipyardError("parallel.pp > 1 is not supported for speech-LMs yet (the audio encoder would need a "
+                                "stage of its own); use FSDP2 (parallel.pp=1)")
+    vision = encoder is not None and not speech
     eos_ids = eos_token_ids(tokenizer, meta.base_eos)  # what serving stops on; every supervised turn ends with one
     data = build_datasets(recipe.data, tokenizer, recipe.seed, stop_ids=eos_ids, encoder=encoder)
     meta.probe = make_probe(tokenizer, data.validation_records, data.train_records, recipe.data.multi_turn, eos_ids,
                             encoder, held_out=recipe.model.mtp is not None)
     frozen = freeze(model, recipe.model.freeze) if recipe.model.freeze else []
-    mtp_note = attach_mtp(model, recipe, source, encoder is not None, frozen)
+    mtp_note = attach_mtp(model, recipe, source, vision, frozen)
     adapter = setup_lora(model, recipe, meta, source, dist_info) if recipe.lora is not None else None
     model_fingerprint = fingerprint(model)  # of the whole model, before it is split into pipeline stages
     n_params = sum(p.numel() for p in model.parameters())
 
     topo = build_topology(recipe.parallel, dist_info, use_fsdp(recipe.parallel, dist_info))
     pack_length = packing_length(model, recipe, topo, say, is_vlm=encoder is not None)
-    blank = blank_image_inputs(processor) if encoder is not None else None
+    blank = blank_image_inputs(processor) if vision else None
     model, runner = build_runner(model, recipe, topo, dist_info, tokenizer.pad_token_id, blank,
                                  tuple(encoder.type_keys) if encoder is not None else ())
     # A pipeline's stage 0 takes each pipeline micro-batch's pixel inputs on its own (parallel/vlm_stages.py).
@@ -310,7 +318,12 @@ def train(recipe: Recipe) -> TrainResult:
         f"validation: {data.validation_origin}"
         + (f"; chat_template_kwargs {recipe.data.chat_template_kwargs} (exported as the template's defaults)"
            if recipe.data.chat_template_kwargs else ""))
-    if encoder is not None:
+    if speech:
+        say(f"audio: {sum(len(s.images) for s in data.train)} clips in training samples at "
+            f"{encoder.rate} Hz (resampled with soxr), up to {recipe.data.max_audio_seconds:g} s each; "
+            f"CTC side loss weight {model.config.ctc_loss_weight}"
+            + (f"; frozen: {len(frozen)} parameter tensors ({', '.join(recipe.model.freeze)})" if frozen else ""))
+    elif encoder is not None:
         limits = pixel_limits(processor)
         say(f"images: {type(processor).__name__}, {sum(len(s.images) for s in data.train)} in training samples"
             + (f"; {limits[0]:,}..{limits[1]:,} pixels per image (data.min_pixels/max_pixels, exported)" if limits else "")

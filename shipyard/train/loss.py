@@ -109,10 +109,19 @@ def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], blank_image
     with capture_lm_head_input(model) as captured, capture_final_norm_input(model, pre_norm) as pre, \
             vision_on_blank_image(model, blank_image, active="pixel_values" not in batch):
         if "position_ids" in batch:  # packed rows: documents are separated by position resets, not by a mask
-            model(**inputs, position_ids=batch["position_ids"], use_cache=False)
+            out = model(**inputs, position_ids=batch["position_ids"], use_cache=False)
         else:
-            model(**inputs, attention_mask=batch["attention_mask"], use_cache=False)
-    return {**captured, **pre}
+            out = model(**inputs, attention_mask=batch["attention_mask"], use_cache=False)
+    aux = {"ctc_loss": out.ctc_loss} if getattr(out, "ctc_loss", None) is not None else {}
+    return {**captured, **pre, **aux}
+
+
+def with_side_losses(model: torch.nn.Module, loss: torch.Tensor, captured: dict) -> torch.Tensor:
+    """The summed next-token loss plus a speech-LM's CTC side loss (summed over clips, weighted by the config's
+    `ctc_loss_weight`), so both are normalised by the same count of supervised tokens."""
+    if "ctc_loss" not in captured:
+        return loss
+    return loss + model.config.ctc_loss_weight * captured["ctc_loss"]
 
 
 @contextmanager
@@ -148,7 +157,8 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk
     a vision-language model given a batch without images runs its vision tower on `blank_image` instead
     (see models/vision.py: every rank runs the same modules)."""
     captured = _forward(model, batch, blank_image)
-    return _supervised_loss(model, captured["hidden"][:, :-1], batch["labels"][:, 1:], chunk_size)
+    loss, count = _supervised_loss(model, captured["hidden"][:, :-1], batch["labels"][:, 1:], chunk_size)
+    return with_side_losses(model, loss, captured), count
 
 
 @dataclass
@@ -170,6 +180,7 @@ def mtp_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
     captured = _forward(model, batch, None, pre_norm=True)
     labels = batch["labels"]
     main, _ = _supervised_loss(model, captured["hidden"][:, :-1], labels[:, 1:], chunk_size)
+    main = with_side_losses(model, main, captured)
     outputs = mtp_outputs(model, captured.get("pre_norm"), captured["hidden"], batch["input_ids"],
                           batch["attention_mask"])
     depths = []
