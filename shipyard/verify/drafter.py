@@ -120,7 +120,7 @@ def prepare(directory: Path, target: str | None) -> dict:
     """The vLLM job for a drafter directory, and what the report needs."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-    from shipyard.data.images import images_of
+    from shipyard.data.images import media_of
     from shipyard.models.vision import is_vision_language
     from shipyard.verify.hf_greedy import prompt_inputs
     from shipyard.verify.run import directory_encoder, model_len_for, served_dialog
@@ -148,7 +148,7 @@ def prepare(directory: Path, target: str | None) -> dict:
            "speculative": {"method": "dflash", "model": str(directory), "num_speculative_tokens": block - 1},
            "control": NGRAM}
     if encoder is not None:
-        job["images_per_prompt"] = max(1, max(len(images_of(d)) for d in dialogs))
+        job["images_per_prompt"] = max(1, max(len(media_of(d)) for d in dialogs))
     return {"dir": str(directory), "target": str(target_dir), "job": job, "drafter": drafter, "model": model,
             "inputs": inputs}
 

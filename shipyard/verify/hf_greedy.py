@@ -17,7 +17,8 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-from shipyard.data.images import images_of
+from shipyard.data.audio import audio_parts_as_text
+from shipyard.data.images import media_of
 from shipyard.models.attention import choose_attention
 from shipyard.models.vision import is_vision_language
 
@@ -37,7 +38,7 @@ def load_for_verify(directory: Path, adapter: Path | None = None, trust_remote_c
 
 
 def render_prompt_ids(tokenizer, dialog: list[dict]) -> list[int]:
-    text = tokenizer.apply_chat_template(dialog, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(audio_parts_as_text(dialog), tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -45,10 +46,10 @@ def prompt_inputs(tokenizer, dialog: list[dict], encoder=None) -> dict[str, torc
     """Model inputs of a chat prompt: ids (image placeholders expanded by the processor) and pixel inputs."""
     if encoder is None:
         return {"input_ids": torch.tensor([render_prompt_ids(tokenizer, dialog)])}
-    text = tokenizer.apply_chat_template(dialog, tokenize=False, add_generation_prompt=True)
-    refs = images_of(dialog)
+    text = tokenizer.apply_chat_template(audio_parts_as_text(dialog), tokenize=False, add_generation_prompt=True)
+    refs = media_of(dialog)
     ids = torch.tensor([encoder.encode(text, refs)])
-    inputs = {"input_ids": ids, **encoder.pixel_inputs(refs)}
+    inputs = {"input_ids": ids, **encoder.media_inputs(refs)}
     return {**inputs, **encoder.type_ids(ids)} if refs else inputs
 
 

@@ -17,11 +17,13 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from shipyard.data.audio import AudioEncoder
 from shipyard.data.chat import prompt_and_reference, tokenize_record
 from shipyard.data.messages import Record, reasoning_of
 
 PROBE_FILE = "shipyard_verify.json"
 MAX_PROMPTS = 8
+SPEECH_PROMPTS = 100
 MAX_DIALOGS = 8
 
 BUILTIN_PROMPTS = [
@@ -75,13 +77,14 @@ def render_for_probe(tokenizer: PreTrainedTokenizerBase, record: Record, multi_t
             for s in tokenize_record(tokenizer, record, multi_turn, stop_ids, encoder).samples]
 
 
-def with_inline_images(messages: list[dict]) -> list[dict]:
-    """`messages` with every image as a data: URI, so the probe travels with the directory it is written into."""
+def with_inline_media(messages: list[dict]) -> list[dict]:
+    """`messages` with every image and clip as a data: URI, so the probe travels with the directory it is
+    written into."""
     out = []
     for m in messages:
         if isinstance(m["content"], list):
-            m = {**m, "content": [{"type": "image", "image": as_data_uri(p["image"])} if p["type"] == "image" else p
-                                  for p in m["content"]]}
+            m = {**m, "content": [{"type": p["type"], p["type"]: as_data_uri(p[p["type"]])}
+                                  if p["type"] in ("image", "audio") else p for p in m["content"]]}
         out.append(m)
     return out
 
@@ -107,9 +110,12 @@ def make_probe(tokenizer: PreTrainedTokenizerBase, validation: list[Record], tra
     `held_out`: also keep up to HELD_OUT_PROMPTS validation prompts, on which `verify` measures speculative
     decoding (MTP heads)."""
     records = validation + train
-    prompts = [with_inline_images(prompt_and_reference(r)[0]) for r in records[:MAX_PROMPTS]] or BUILTIN_PROMPTS
+    count = MAX_PROMPTS
+    if isinstance(encoder, AudioEncoder):  # verify transcribes the held-out clips (word error rates in both engines)
+        records, count = validation or train, SPEECH_PROMPTS
+    prompts = [with_inline_media(prompt_and_reference(r)[0]) for r in records[:count]] or BUILTIN_PROMPTS
     dialogs = pick_dialogs(train or validation) or [Record(BUILTIN_DIALOG, "builtin")]
-    dialogs = [Record(with_inline_images(r.messages), r.origin, r.tools, r.template_kwargs) for r in dialogs]
+    dialogs = [Record(with_inline_media(r.messages), r.origin, r.tools, r.template_kwargs) for r in dialogs]
     from shipyard.verify.hf_greedy import prompt_inputs
 
     probe = {
@@ -125,8 +131,10 @@ def make_probe(tokenizer: PreTrainedTokenizerBase, validation: list[Record], tra
             for r in dialogs
         ],
     }
+    if isinstance(encoder, AudioEncoder):
+        probe["references"] = [prompt_and_reference(r)[1] for r in records[:count]]
     if held_out:
-        probe["held_out"] = [with_inline_images(prompt_and_reference(r)[0]) for r in validation[:HELD_OUT_PROMPTS]]
+        probe["held_out"] = [with_inline_media(prompt_and_reference(r)[0]) for r in validation[:HELD_OUT_PROMPTS]]
     return probe
 
 

@@ -28,7 +28,8 @@ from pathlib import Path
 import transformers
 
 from shipyard.data.chat import IGNORE_INDEX, eos_token_ids, render_text
-from shipyard.data.images import ImageEncoder, images_of
+from shipyard.data.audio import AudioEncoder
+from shipyard.data.images import ImageEncoder, media_of
 from shipyard.data.messages import Record, RecordError, text_of
 from shipyard.errors import ShipyardError
 from shipyard.peft.adapter_dir import ADAPTER_CONFIG, is_adapter_dir, resolve_base_dir
@@ -114,7 +115,7 @@ def _compare_dialog(tokenizer, dialog: dict, multi_turn: str, stops: list[int], 
         else:  # the template no longer makes this sample: compare with its plain rendering of the same turns
             last = max(a.get("turns") or [len(record.messages) - 1])
             text = render_text(tokenizer, record.messages[: last + 1], tools=record.tools, kwargs=record.template_kwargs)
-            b = (encoder.encode(text, images_of(record.messages[: last + 1])) if encoder is not None
+            b = (encoder.encode(text, media_of(record.messages[: last + 1])) if encoder is not None
                  else tokenizer(text, add_special_tokens=False)["input_ids"])[: len(a["input_ids"])]
         at = first_difference(a["input_ids"], b)
         if at is not None:
@@ -200,17 +201,26 @@ def compare_generations(hf: list[tuple[list[int], list[float]]], vllm: dict, hf_
 
 
 def directory_encoder(model_dir: Path, model, tokenizer, trust_remote_code: bool) -> ImageEncoder | None:
-    """A vision-language directory's own processor (its saved pixel limits), wired to its tokenizer."""
+    """A multimodal directory's own processor (its saved pixel limits / audio features), wired to its tokenizer."""
+    from shipyard.data.audio import AudioEncoder
     from shipyard.export.export import load_processor_of
 
     processor = load_processor_of(model_dir, model.config, tokenizer, trust_remote_code)
-    return ImageEncoder(processor) if processor is not None else None
+    if processor is None:
+        return None
+    return AudioEncoder(processor) if hasattr(processor, "audio_token_count") else ImageEncoder(processor)
 
 
 def served_dialog(dialog: list[dict]) -> list[dict]:
-    """A probe dialog as a client sends it to vLLM: images as OpenAI image_url parts (data: URIs)."""
-    return [{**m, "content": [{"type": "image_url", "image_url": {"url": p["image"]}} if p["type"] == "image" else p
-                              for p in m["content"]]} if isinstance(m["content"], list) else m for m in dialog]
+    """A probe dialog as a client sends it to vLLM: images and clips as OpenAI image_url / audio_url parts
+    (data: URIs)."""
+    def part(p: dict) -> dict:
+        if p["type"] in ("image", "audio"):
+            return {"type": f"{p['type']}_url", f"{p['type']}_url": {"url": p[p["type"]]}}
+        return p
+
+    return [{**m, "content": [part(p) for p in m["content"]]} if isinstance(m["content"], list) else m
+            for m in dialog]
 
 
 @dataclass
@@ -225,6 +235,8 @@ class Prepared:
     training_prompt_ids: list[list[int]] | None = None  # recorded at training time (probe), when there are some
     spec_job: dict | None = None  # an MTP head vLLM serves: the speculative-decoding job
     spec_model: object | None = None  # ... and the model with its head, to count acceptance exactly
+    references: list[str] | None = None  # a speech-LM's probe: the transcripts of its held-out clips
+    eos_ids: list[int] | None = None
 
 
 def prepare(directory: Path, *, max_new_tokens: int, trust_remote_code: bool) -> Prepared:
@@ -243,12 +255,13 @@ def prepare(directory: Path, *, max_new_tokens: int, trust_remote_code: bool) ->
     started = time.perf_counter()
     model, tokenizer = load_for_verify(model_dir, adapter=directory if adapter else None, trust_remote_code=trust_remote_code)
     encoder = directory_encoder(model_dir, model, tokenizer, trust_remote_code)
+    kind = "audio" if isinstance(encoder, AudioEncoder) else "image"
     inputs = [prompt_inputs(tokenizer, d, encoder) for d in dialogs]
     prompt_ids = [x["input_ids"][0].tolist() for x in inputs]
     hf = [greedy(model, x, max_new_tokens) for x in inputs]
     report = {
         "dir": str(directory),
-        "prompts": [text_of(d[-1]["content"]) + (" [+image]" * len(images_of(d[-1:]))) for d in dialogs],
+        "prompts": [text_of(d[-1]["content"]) + (f" [+{kind}]" * len(media_of(d[-1:]))) for d in dialogs],
         "max_new_tokens": max_new_tokens,
         "transformers": {"version": transformers.__version__, "ok": True, "seconds": time.perf_counter() - started,
                          "token_ids": [t for t, _ in hf]},
@@ -260,11 +273,12 @@ def prepare(directory: Path, *, max_new_tokens: int, trust_remote_code: bool) ->
            "max_new_tokens": max_new_tokens, "trust_remote_code": trust_remote_code,
            "max_model_len": model_len_for(model, prompt_ids, max_new_tokens)}
     if encoder is not None:
-        job["images_per_prompt"] = max(1, max(len(images_of(d)) for d in dialogs))
+        job["mm_limits"] = {kind: max(1, max(len(media_of(d)) for d in dialogs))}
     if adapter:
         report["base_model"] = str(model_dir)
         job.update(lora=str(directory), lora_rank=adapter_config["r"], moe=is_moe(model.config))
-    prep = Prepared(tokenizer, prompt_ids, hf, report, job, (probe or {}).get("prompt_ids"))
+    prep = Prepared(tokenizer, prompt_ids, hf, report, job, (probe or {}).get("prompt_ids"),
+                    references=(probe or {}).get("references"), eos_ids=eos_ids_of(model_dir, tokenizer))
     if not adapter and (layers := speculative.mtp_layers_in(model_dir, model.config)):
         if mtp.why_not_served(model.config):
             report["speculative"] = speculative.not_served(model.config)
@@ -351,6 +365,8 @@ def finish(prep: Prepared, vllm_version: str | None, result: dict | None, allow_
                     report["template"]["ok"] = False
     report["template_parity"] = report["template"]["ok"]
     report["vllm"] = vllm_report
+    if prep.references is not None:
+        report["wer"] = transcript_errors(prep, result if vllm_report.get("loaded") else None)
     agrees = vllm_report.get("greedy_match", False) and vllm_report.get("logprobs", {}).get("ok", False)
     vllm_ok = agrees if result is not None else allow_missing_vllm
     reference_ok = report["training_reference"] is None or report["training_reference"]["ok"]
@@ -361,8 +377,26 @@ def finish(prep: Prepared, vllm_version: str | None, result: dict | None, allow_
                                  if spec_result["ok"] else {"method": "mtp", "served": True, "lossless": False,
                                                             "error": spec_result["error"]})
         spec_ok = report["speculative"]["lossless"]
-    report["ok"] = bool(report["template_parity"] and vllm_ok and reference_ok and spec_ok)
+    wer_ok = "wer" not in report or report["wer"].get("equal", result is None)
+    report["ok"] = bool(report["template_parity"] and vllm_ok and reference_ok and spec_ok and wer_ok)
     return report
+
+
+def transcript_errors(prep: Prepared, result: dict | None) -> dict:
+    """Word error rates of a speech-LM's greedy transcripts of its held-out clips, in transformers and in vLLM
+    (each answer cut at its first EOS token)."""
+    from shipyard.train.evaluate import word_error_rate
+
+    def texts(token_lists: list[list[int]]) -> list[str]:
+        cut = [next((ids[:i] for i, t in enumerate(ids) if t in prep.eos_ids), ids) for ids in token_lists]
+        return [prep.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in cut]
+
+    refs = prep.references[: len(prep.hf)]
+    out = {"num_clips": len(refs), "transformers": word_error_rate(refs, texts([t for t, _ in prep.hf]))}
+    if result is not None:
+        out["vllm"] = word_error_rate(refs, texts(result["token_ids"]))
+        out["equal"] = out["vllm"] == out["transformers"]
+    return out
 
 
 def verify_many(
@@ -418,7 +452,13 @@ def format_report(report: dict) -> str:
     else:
         lines.append(f"  vLLM {v['version']}: loaded in {v['load_seconds']:.1f}s ({v['dtype']})")
         lines.append(f"    {'prompt':<40} {'greedy tokens equal':>20} {'max |dlogprob|':>15} {'prompt ids':>11}")
-        for prompt, row in zip(report["prompts"], v["per_prompt"]):
+        rows = list(zip(report["prompts"], v["per_prompt"]))
+        if len(rows) > 16:  # a speech-LM's held-out set: the differing prompts, then the count
+            same = [r for _, r in rows if r["matched_tokens"] == r["total_tokens"] and r["prompt_ids_equal"]]
+            lines.append(f"    {len(same)}/{len(rows)} prompts: all greedy tokens and prompt ids equal"
+                         + ("; the others:" if len(same) < len(rows) else ""))
+            rows = [(p, r) for p, r in rows if not (r["matched_tokens"] == r["total_tokens"] and r["prompt_ids_equal"])]
+        for prompt, row in rows:
             short = (prompt[:37] + "...") if len(prompt) > 40 else prompt
             lp = row["max_abs_logprob_diff"]
             lines.append(
@@ -453,6 +493,10 @@ def format_report(report: dict) -> str:
     else:
         lines.append(f"  template parity: FAILED ({source})")
         lines.extend(f"    - {p}" for p in t["problems"])
+    if "wer" in report:
+        w = report["wer"]
+        lines.append(f"  word error rate on {w['num_clips']} held-out clips: transformers {w['transformers']:.2%}"
+                     + (f", vLLM {w['vllm']:.2%}: {'equal' if w['equal'] else 'DIFFER'}" if "vllm" in w else ""))
     if "speculative" in report:
         lines.extend(speculative.format_speculative(report["speculative"]) if "error" not in report["speculative"]
                      else [f"  MTP speculative decoding in vLLM: FAILED: {report['speculative']['error']}"])

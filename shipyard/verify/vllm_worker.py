@@ -52,6 +52,8 @@ def engine_kwargs(job: dict) -> dict:
     kwargs.update(job.get("engine", {}))  # per-family engine settings (verify/speculative.py)
     if job.get("images_per_prompt"):
         kwargs["limit_mm_per_prompt"] = {"image": job["images_per_prompt"], "video": 0}
+    if job.get("mm_limits"):
+        kwargs["limit_mm_per_prompt"] = {**job["mm_limits"], **({"video": 0} if "image" in job["mm_limits"] else {})}
     if job.get("lora"):
         rank = next(r for r in LORA_RANKS if r >= job.get("lora_rank", 8))
         kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1)
