@@ -27,25 +27,6 @@ AUDIO_PART_TYPES = ("audio", "audio_url")
 MAX_AUDIO_SECONDS = 60.0
 
 
-def resolve_audio_ref(part: dict, where: str, root: Path | None) -> str:
-    """The absolute path of a content part's clip (RecordError if the part is malformed)."""
-    if part.get("type") == "audio_url":
-        url = part.get("audio_url")
-        ref = url.get("url") if isinstance(url, dict) else url
-    else:
-        ref = part.get("audio")
-    if not isinstance(ref, str) or not ref:
-        raise RecordError(f'{where} is an audio part without a location; use {{"type": "audio", "audio": "clip.wav"}}',
-                          reason="bad_audio")
-    if ref.startswith(("http://", "https://")):
-        raise RecordError(f"{where}: only audio files are read during training ({ref[:60]}); save the clip and give "
-                          "its path", reason="bad_audio")
-    path = Path(ref.removeprefix("file://")).expanduser()
-    if not path.is_absolute() and root is not None:
-        path = root / path
-    return str(path.resolve())
-
-
 def audio_parts_as_text(messages: list[dict]) -> list[dict]:
     """Messages whose content lists hold audio, as vLLM hands them to a text chat template: the placeholders the
     text does not already hold, then the texts, joined by newlines (vllm/renderers/chat_utils.py)."""

@@ -28,21 +28,24 @@ from shipyard.data.messages import RecordError
 IMAGE_PART_TYPES = ("image", "image_url")
 
 
-def resolve_image_ref(part: dict, where: str, root: Path | None) -> str:
-    """The image reference of a content part: an absolute path or a data: URI (RecordError if malformed)."""
-    if part.get("type") == "image_url":
-        url = part.get("image_url")
+def resolve_media_ref(part: dict, where: str, root: Path | None, kind: str = "image") -> str:
+    """The location of an image or audio content part (`{"type": KIND, KIND: REF}` or OpenAI's
+    `{"type": "KIND_url", "KIND_url": {"url": REF}}`): an absolute path, or a data: URI as it is
+    (RecordError if the part is malformed or names a web address)."""
+    if part.get("type") == f"{kind}_url":
+        url = part.get(f"{kind}_url")
         ref = url.get("url") if isinstance(url, dict) else url
     else:
-        ref = part.get("image")
+        ref = part.get(kind)
+    example = {"image": "path.png", "audio": "clip.wav"}[kind]
     if not isinstance(ref, str) or not ref:
-        raise RecordError(f'{where} is an image part without a location; use {{"type": "image", "image": "path.png"}}',
-                          reason="bad_image")
+        raise RecordError(f'{where} is an {kind} part without a location; use {{"type": "{kind}", "{kind}": "{example}"}}',
+                          reason=f"bad_{kind}")
     if ref.startswith("data:"):
         return ref
     if ref.startswith(("http://", "https://")):
-        raise RecordError(f"{where}: image URLs are not fetched during training ({ref[:60]}); download the image "
-                          "and give its path", reason="bad_image")
+        raise RecordError(f"{where}: {kind} URLs are not fetched during training ({ref[:60]}); download the file "
+                          "and give its path", reason=f"bad_{kind}")
     path = Path(ref.removeprefix("file://")).expanduser()
     if not path.is_absolute() and root is not None:
         path = root / path

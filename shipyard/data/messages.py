@@ -75,8 +75,8 @@ def without_images(record: Record) -> Record:
 
 
 def _content(value: Any, where: str, role: str, has_tool_calls: bool, image_root: Path | None) -> str | list[dict]:
-    from shipyard.data.audio import AUDIO_PART_TYPES, resolve_audio_ref
-    from shipyard.data.images import IMAGE_PART_TYPES, resolve_image_ref
+    from shipyard.data.audio import AUDIO_PART_TYPES
+    from shipyard.data.images import IMAGE_PART_TYPES, resolve_media_ref
 
     if isinstance(value, str):
         return value
@@ -94,12 +94,12 @@ def _content(value: Any, where: str, role: str, has_tool_calls: bool, image_root
                 if role == "assistant":
                     raise RecordError(f"{where}.content[{j}] is an image in an assistant turn; models read images, "
                                       "they do not write them", reason="image_in_assistant_turn")
-                parts.append({"type": "image", "image": resolve_image_ref(part, f"{where}.content[{j}]", image_root)})
+                parts.append({"type": "image", "image": resolve_media_ref(part, f"{where}.content[{j}]", image_root)})
             elif kind in AUDIO_PART_TYPES:
                 if role == "assistant":
                     raise RecordError(f"{where}.content[{j}] is audio in an assistant turn; speech-LMs read audio, "
                                       "they do not write it", reason="audio_in_assistant_turn")
-                parts.append({"type": "audio", "audio": resolve_audio_ref(part, f"{where}.content[{j}]", image_root)})
+                parts.append({"type": "audio", "audio": resolve_media_ref(part, f"{where}.content[{j}]", image_root, "audio")})
             elif kind in ("input_audio", "video"):
                 raise RecordError(f'{where}.content[{j}] is an {kind} part; give audio as {{"type": "audio", '
                                   '"audio": "clip.wav"}; videos are not trained')

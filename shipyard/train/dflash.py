@@ -34,7 +34,6 @@ from shipyard.parallel.topology import build_topology
 from shipyard.train.loss import _greedy, answer_spans, chunked_cross_entropy, replay_drafts
 from shipyard.train.metrics import MetricsLogger, plot_loss, run_totals
 from shipyard.train.optim import build_optimizer, build_scheduler
-from shipyard.train.step import train_step
 from shipyard.verify.probe import make_probe
 
 
@@ -237,7 +236,7 @@ def train_dflash(recipe: Recipe) -> dict:
     drafter = apply_parallelism(drafter, recipe.parallel, topo, dist_info.device, bf16)
     runner = DFlashRunner(drafter, target, config, draft.slot_decay, draft.anchors_per_sequence, recipe.seed,
                           recipe.train.loss_chunk_size)
-    from shipyard.train.loop import plan_batches, start_or_resume
+    from shipyard.train.loop import plan_batches, start_or_resume, timed_step
 
     plan = plan_batches(recipe, topo)
     total_steps = recipe.train.max_steps or max(1, math.ceil(recipe.train.epochs * len(data.train) / plan.global_batch))
@@ -279,13 +278,7 @@ def train_dflash(recipe: Recipe) -> dict:
     last_saved = resume_dir if start_step == total_steps else None
     params = [p for p in drafter.parameters() if p.requires_grad]
     for step in range(start_step, total_steps):
-        t0 = time.perf_counter()
-        micro_batches = batches.next_step()
-        metrics = train_step(runner, params, micro_batches, optimizer, scheduler, recipe.train.max_grad_norm, topo,
-                             dist_info.device)
-        tokens = all_reduce_sum(sum(int(mb["attention_mask"].sum()) for mb in micro_batches), dist_info.device,
-                                group=topo.dp_group)
-        elapsed = time.perf_counter() - t0
+        metrics, tokens, elapsed = timed_step(runner, params, batches, optimizer, scheduler, recipe, topo, dist_info)
         metrics.update({"train/tokens": tokens, "train/tokens_per_second": tokens / elapsed})
         done = step + 1
         if recipe.train.eval_every and done % recipe.train.eval_every == 0 and data.validation:

@@ -252,6 +252,18 @@ def _acceptance_line(metrics: dict) -> str:
             f"{metrics['mtp_mean_acceptance_length']:.3f} (offline, validation answers)")
 
 
+def timed_step(runner, params, batches: StepBatches, optimizer, scheduler, recipe: Recipe, topo: Topology,
+               dist_info: DistInfo) -> tuple[dict, int, float]:
+    """One optimizer step on the next batches: its metrics, the tokens it trained on (all ranks), its seconds."""
+    t0 = time.perf_counter()
+    micro_batches = batches.next_step()
+    metrics = train_step(runner, params, micro_batches, optimizer, scheduler, recipe.train.max_grad_norm, topo,
+                         dist_info.device)
+    tokens = all_reduce_sum(sum(int(mb["attention_mask"].sum()) for mb in micro_batches), dist_info.device,
+                            group=topo.dp_group)
+    return metrics, tokens, time.perf_counter() - t0
+
+
 @dataclass
 class TrainResult:
     summary: dict
@@ -352,13 +364,7 @@ def train(recipe: Recipe) -> TrainResult:
     last_saved = resume_dir if start_step == total_steps else None
     train_seconds, train_tokens, last_loss = 0.0, 0, None
     for step in range(start_step, total_steps):
-        t0 = time.perf_counter()
-        micro_batches = batches.next_step()
-        metrics = train_step(runner, params, micro_batches, optimizer, scheduler, recipe.train.max_grad_norm, topo,
-                             dist_info.device)
-        tokens = all_reduce_sum(sum(int(mb["attention_mask"].sum()) for mb in micro_batches), dist_info.device,
-                                group=topo.dp_group)
-        elapsed = time.perf_counter() - t0
+        metrics, tokens, elapsed = timed_step(runner, params, batches, optimizer, scheduler, recipe, topo, dist_info)
         train_seconds += elapsed
         train_tokens += tokens
         last_loss = metrics["train/loss"]
