@@ -58,6 +58,17 @@ class MTPConfig(Section):
                               "make an already served model faster). false: fine-tune base and head jointly.")
 
 
+class SpeechConfig(Section):
+    """Make a speech-LM of the causal LM in `model.path` and a pretrained audio encoder (models/speechlm)."""
+
+    encoder: str = Field(..., description="FastConformer encoder: a transformers `parakeet` checkpoint (CTC/TDT: "
+                         "its encoder is taken) or a `parakeet_encoder` directory; hub id or local directory.")
+    projector_stack: int = Field(2, ge=1, description="Encoder frames per audio token (each adds 80 ms at 8x "
+                                 "subsampling).")
+    ctc_loss_weight: float = Field(0.0, ge=0.0, description="CTC side loss on the encoder against the transcript: "
+                                   "for encoders trained from scratch (the presets use 1.0); 0 for pretrained ones.")
+
+
 class ModelConfig(Section):
     path: str = Field(
         "qwen3-tiny",
@@ -74,6 +85,8 @@ class ModelConfig(Section):
         "after training): vision_tower, audio_encoder, projector, language_model, embeddings, or parameter-name globs "
         "(model.visual.blocks.0.*)."
     )
+    speech: SpeechConfig | None = Field(None, description="Train a speech-LM: the LLM in model.path with the audio "
+                                        "encoder named here and a new projector (exported as one model).")
     mtp: MTPConfig | None = Field(None, description="Attach and train multi-token-prediction heads ({} for the "
                                   "defaults); exported where vLLM reads them for the base's family.")
 

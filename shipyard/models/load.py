@@ -83,6 +83,8 @@ def source_config(cfg: ModelConfig, source: ModelSource):
 
 def load_processor(cfg: ModelConfig, source: ModelSource, tokenizer: PreTrainedTokenizerBase | None = None):
     """A vision-language or speech model's processor (None for text models), wired to `tokenizer` and its template."""
+    if cfg.speech is not None and tokenizer is not None:  # a speech-LM composed here: its processor is new too
+        return speech_processor(cfg, tokenizer)
     if source.kind == "preset":
         if source.name not in MULTIMODAL_PRESETS:
             return None
@@ -185,11 +187,71 @@ def register_audio_token(tokenizer: PreTrainedTokenizerBase, config) -> None:
     config.audio_token_id = tokenizer.convert_tokens_to_ids(token)
 
 
+def compose_speech_lm(cfg: ModelConfig, llm: PreTrainedModel, seed: int) -> PreTrainedModel:
+    """The speech-LM of a loaded causal LM and the pretrained encoder `model.speech.encoder`, with a new
+    projector (seeded). The LLM keeps its weights; the encoder's are loaded from its checkpoint."""
+    from transformers import AutoModel
+
+    from shipyard.models.speechlm.configuration import SpeechLMConfig
+    from shipyard.models.speechlm.modeling import ShipyardSpeechLMForConditionalGeneration
+
+    speech = cfg.speech
+    source = resolve_source(speech.encoder)
+    if source.kind == "preset":
+        raise ShipyardError(f"model.speech.encoder '{speech.encoder}' is a preset name; give a parakeet checkpoint")
+    try:
+        loaded = AutoModel.from_pretrained(str(source.local_dir or source.name), dtype=torch.float32)
+    except OSError as e:
+        raise _hub_error(speech.encoder, e) from None
+    encoder = getattr(loaded, "encoder", loaded)  # ParakeetForCTC / TDT hold the FastConformer as .encoder
+    if encoder.config.model_type != "parakeet_encoder":
+        raise ShipyardError(f"model.speech.encoder '{speech.encoder}' is a {loaded.config.model_type} model; "
+                            "shipyard's speech-LM takes a FastConformer (transformers' parakeet) encoder")
+    config = SpeechLMConfig(audio_config=encoder.config.to_dict(), text_config=llm.config.to_dict(),
+                            projector_stack=speech.projector_stack, ctc_loss_weight=speech.ctc_loss_weight)
+    torch.manual_seed(seed)  # the projector (and CTC head) start from seeded random weights
+    with torch.device("meta"):
+        model = ShipyardSpeechLMForConditionalGeneration(config)
+    model.audio_encoder, model.language_model = encoder, llm
+    for module in [model.projector, getattr(model, "ctc_head", None)]:
+        if module is not None:
+            module.to_empty(device="cpu")
+            for layer in module.modules():
+                if isinstance(layer, torch.nn.Linear):
+                    layer.reset_parameters()
+    model.config.architectures = [type(model).__name__]
+    model.name_or_path = cfg.path
+    return model
+
+
+def speech_processor(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase):
+    """The processor of a speech-LM composed from `model.speech.encoder`: features for its mel bins, token counts
+    for its subsampling and the projector's stacking."""
+    from shipyard.models.speechlm.processing import ShipyardSpeechFeatureExtractor, ShipyardSpeechLMProcessor
+
+    source = resolve_source(cfg.speech.encoder)
+    try:
+        config = AutoConfig.from_pretrained(str(source.local_dir or source.name))
+    except OSError as e:
+        raise _hub_error(cfg.speech.encoder, e) from None
+    encoder = getattr(config, "encoder_config", config)
+    return ShipyardSpeechLMProcessor(
+        feature_extractor=ShipyardSpeechFeatureExtractor(feature_size=encoder.num_mel_bins), tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template, subsampling_factor=encoder.subsampling_factor,
+        subsampling_kernel=encoder.subsampling_conv_kernel_size, subsampling_stride=encoder.subsampling_conv_stride,
+        projector_stack=cfg.speech.projector_stack)
+
+
 def load(cfg: ModelConfig, seed: int, template_defaults: dict | None = None
          ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]:
     source = resolve_source(cfg.path)
     tokenizer = load_tokenizer(cfg, source, template_defaults)
     model = load_model(cfg, source, seed)
+    if cfg.speech is not None:
+        if is_speech_lm(model.config):
+            raise ShipyardError(f"model.speech: '{cfg.path}' is already a speech-LM; drop the model.speech section")
+        model = compose_speech_lm(cfg, model, seed)
+        source = ModelSource(source.kind, source.name, None)  # the base's weight files do not hold this model
     if is_speech_lm(model.config):
         register_audio_token(tokenizer, model.config)
     rows = model.get_input_embeddings().weight.shape[0]
