@@ -111,7 +111,8 @@ def _print_train_report(recipe, summary: dict) -> None:
         print(f"  shipyard export {final} merged/ --merge-lora   # full weights with the adapter merged in")
         print(f"  python -c \"from peft import AutoPeftModelForCausalLM; m = AutoPeftModelForCausalLM.from_pretrained('{final}')\"")
     elif '"shipyard_speechlm"' in (Path(final) / "config.json").read_text():  # a speech-LM: shipyard's vLLM plugin
-        print(f"  vllm serve {final}   # OpenAI server: chat messages with audio_url parts (16 kHz WAV/FLAC)")
+        print(f"  python -m vllm.entrypoints.openai.api_server --model {final}   # OpenAI server (`vllm serve` on GPU "
+              "builds): chat messages with audio_url parts")
     elif (Path(final) / "processor_config.json").is_file():  # a vision-language model
         print(f"  python -c \"from transformers import pipeline; print(pipeline('image-text-to-text', '{final}')("
               f"text=[{{'role': 'user', 'content': [{{'type': 'image', 'url': 'IMAGE.png'}}, "

@@ -43,7 +43,7 @@ def test_quickstart_transcribes_new_sequences_and_unseen_voices(quickstart):
     assert set(ev["wer_by_source"]) == {"synthetic:spoken_digits_heldout", "synthetic:spoken_digits_unseen_voices"}
     assert summary["final_checkpoint"] == str(out / "final")
     assert summary["wall_seconds"] <= 600  # the budget on a 2-core CPU, synthesis included
-    assert "word error rate" in stdout and "audio: 6000 clips" in stdout and "vllm serve" in stdout
+    assert "word error rate" in stdout and "audio: 6000 clips" in stdout and "vllm.entrypoints.openai.api_server" in stdout
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["architectures"] == ["ShipyardSpeechLMForConditionalGeneration"] and "auto_map" not in config
     generation = json.loads((out / "final" / "generation_config.json").read_text())
