@@ -25,7 +25,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[test]"
 	# Its torchvision is a CUDA build ("operator torchvision::nms does not exist" on import); vision-language
 	# processors (and vLLM's) need its Python transforms: a site-packages hook makes it import on CPU torch.
-	$(BIN)/python -m shipyard.compat.install_torchvision_shim
+	# Run as a file: `import shipyard` already needs torchvision (see the script's docstring).
+	$(BIN)/python shipyard/compat/install_torchvision_shim.py
 	touch $(STAMP)
 
 install: $(STAMP)

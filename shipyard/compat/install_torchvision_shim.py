@@ -1,6 +1,9 @@
 """Make `import torchvision` work in this environment, or say why it cannot (run by `make install`).
 
-    python -m shipyard.compat.install_torchvision_shim
+    python shipyard/compat/install_torchvision_shim.py
+
+Run as a file, not as `-m shipyard...`: `import shipyard` registers the speech-LM with transformers'
+Auto classes, which imports torchvision, the very import this repairs.
 
 Does nothing where torchvision already imports (a CUDA torch with its matching
 torchvision) or is absent. Where it fails only because its compiled ops do not
