@@ -162,3 +162,24 @@ def test_export_round_trip_loads_without_remote_code(speech, tmp_path):
     inputs = loaded_processor(text=[text], audio=[tone(0.9)], sampling_rate=16_000)
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+
+
+def test_a_text_only_training_batch_touches_every_parameter(speech):
+    """FSDP2 reduces the same gradients on every rank: a batch without audio runs the encoder on a silent clip
+    with weight 0 (zero gradients, equal logits)."""
+    model, processor = speech
+    ids = processor.tokenizer(["<|im_start|>user\nhi<|im_end|>\n"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    model.train()
+    try:
+        out = model(input_ids=ids)
+        out.logits.sum().backward()
+    finally:
+        model.eval()
+    assert torch.equal(out.logits.detach(), plain)
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+    assert all(float(p.grad.abs().max()) == 0.0 for n, p in model.named_parameters()
+               if n.startswith(("audio_encoder.", "projector.", "ctc_head.")))
+    model.zero_grad(set_to_none=True)

@@ -132,6 +132,17 @@ class ShipyardSpeechLMForConditionalGeneration(SpeechLMPreTrainedModel, Generati
         keep = torch.arange(projected.shape[1], device=projected.device)[None] < counts[:, None]
         return projected[keep], encoded, lengths
 
+    def _idle_audio(self, like: torch.Tensor) -> torch.Tensor:
+        """0 x the encoder and projector run on one short silent clip: a text-only training batch touches every
+        parameter, like an audio batch (FSDP2 reduces the same gradients on every rank; Adam sees every step)."""
+        mel = self.config.audio_config.num_mel_bins
+        frames = torch.zeros(1, 32, mel, device=like.device, dtype=self.projector.linear_1.weight.dtype)
+        audio, encoded, _ = self.encode_audio(frames, torch.tensor([32], device=like.device))
+        idle = audio.sum() + encoded.sum()
+        if getattr(self, "ctc_head", None) is not None:
+            idle = idle + self.ctc_head(encoded).sum()
+        return (idle * 0.0).to(like.dtype)
+
     def _ctc_loss(self, encoded: torch.Tensor, lengths: torch.Tensor, ctc_targets: torch.Tensor) -> torch.Tensor:
         target_lengths = (ctc_targets >= 0).sum(-1)
         use = target_lengths > 0
@@ -169,6 +180,8 @@ class ShipyardSpeechLMForConditionalGeneration(SpeechLMPreTrainedModel, Generati
                 inputs_embeds = inputs_embeds.masked_scatter(slots[..., None], audio.to(inputs_embeds.dtype))
                 if ctc_targets is not None and self.config.ctc_loss_weight > 0:
                     ctc_loss = self._ctc_loss(encoded, lengths, ctc_targets)
+            elif self.training and input_features is None:
+                inputs_embeds = inputs_embeds + self._idle_audio(inputs_embeds)
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                                   past_key_values=past_key_values, labels=labels, use_cache=use_cache,
                                   logits_to_keep=logits_to_keep, **kwargs)
