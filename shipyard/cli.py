@@ -394,13 +394,14 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("shipyard").setLevel(logging.DEBUG if verbose else logging.WARNING if quiet_rank else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not verbose:
-        try:
-            from transformers.utils import logging as hf_logging
-
+        # Through the environment, read when transformers and huggingface_hub are first imported: importing them
+        # here would cost every command, `--help` included, two seconds. Ranks and vLLM workers inherit it.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers.utils.logging" in sys.modules:  # already imported (shipyard.cli.main called in-process)
+            hf_logging = sys.modules["transformers.utils.logging"]
             hf_logging.set_verbosity_error()
             hf_logging.disable_progress_bar()
-        except ImportError:
-            pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,7 +56,7 @@ def build_model_dir(out: Path, preset: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    import shipyard  # noqa: F401
+    import shipyard.models.speechlm  # noqa: F401  (registers the speech-LM with transformers)
     from shipyard.models.speech_presets import SPEECH_PRESETS
 
     torch.manual_seed(0)

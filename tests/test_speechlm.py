@@ -9,7 +9,7 @@ import pytest
 import soundfile
 import torch
 
-import shipyard  # noqa: F401  (registers the speech-LM with transformers)
+import shipyard.models.speechlm  # noqa: F401  (registers the speech-LM with transformers)
 from shipyard.data.audio import AudioEncoder, audio_parts_as_text, load_audio
 from shipyard.data.chat import IGNORE_INDEX, tokenize_record
 from shipyard.data.loader import collate
@@ -147,7 +147,7 @@ def test_audio_in_an_assistant_turn_is_refused(tmp_path):
 
 
 def test_export_round_trip_loads_without_remote_code(speech, tmp_path):
-    """save -> AutoModelForCausalLM / AutoProcessor (registered by `import shipyard`) -> equal logits."""
+    """save -> AutoModelForCausalLM / AutoProcessor (registered by `import shipyard.models.speechlm`) -> equal logits."""
     from transformers import AutoModelForCausalLM, AutoProcessor
 
     model, processor = speech

@@ -2,8 +2,8 @@
 
     python shipyard/compat/install_torchvision_shim.py
 
-Run as a file, not as `-m shipyard...`: `import shipyard` registers the speech-LM with transformers'
-Auto classes, which imports torchvision, the very import this repairs.
+Run as a file, not as `-m shipyard...`: it must not depend on anything under shipyard that imports
+transformers (and so torchvision, the very import this repairs).
 
 Does nothing where torchvision already imports (a CUDA torch with its matching
 torchvision) or is absent. Where it fails only because its compiled ops do not

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
+import shipyard.models.speechlm  # noqa: F401  (an exported speech-LM's config loads through AutoConfig)
 from shipyard.checkpoint.weights import DirectoryWeights
 from shipyard.errors import ShipyardError
 from shipyard.fsutil import publish

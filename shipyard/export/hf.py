@@ -307,7 +307,7 @@ def check_exportable(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBas
     # vLLM-only architectures: MiMoForCausalLM (a Qwen2 model with MTP), DFlashDraftModel (a drafter)
     from shipyard.models.speechlm import ARCHITECTURE, HYBRID_ARCHITECTURE
 
-    # ... and the speech-LM, registered with transformers by `import shipyard` (served by shipyard's vLLM plugin)
+    # ... and the speech-LM, registered with transformers by `shipyard.models.speechlm` (served by shipyard's vLLM plugin)
     served_mtp = {s.architecture for s in STYLES.values()} | {"DFlashDraftModel", ARCHITECTURE, HYBRID_ARCHITECTURE}
     known = any(hasattr(transformers, a) or a in served_mtp for a in architectures) or bool(getattr(config, "auto_map", None))
     if not known:

@@ -1,9 +1,10 @@
 """vLLM plugin: serve shipyard's speech-LM (`models/speechlm`) with vLLM.
 
 Installed as the `vllm.general_plugins` entry point `shipyard_speechlm` (pyproject.toml), so every vLLM process
-(the front end, the engine core, each worker) calls `register()`. It imports `shipyard` (transformers then knows
-the `shipyard_speechlm` config and processor) and registers both architecture names with vLLM's model registry
-by string, so nothing of the model is imported until vLLM serves one.
+(the front end, the engine core, each worker) calls `register()`. Importing this module imports
+`shipyard.models.speechlm` (transformers then knows the `shipyard_speechlm` config and processor); `register()`
+registers both architecture names with vLLM's model registry by string, so vLLM builds the serving classes only
+when it serves one.
 
 The served model is the transformers model's own parts:
 
@@ -34,7 +35,6 @@ _BUILT: dict[str, type] = {}
 
 def register() -> None:
     """vLLM's plugin hook: may run several times per process and in every vLLM process (idempotent)."""
-    import shipyard  # noqa: F401  (registers the speech-LM with transformers' Auto classes)
     from vllm import ModelRegistry
 
     supported = set(ModelRegistry.get_supported_archs())

@@ -1,6 +1,8 @@
-"""shipyard's speech-LM (audio encoder + projector + causal LM), registered with transformers' Auto classes on
-`import shipyard`, so an exported directory loads with `AutoModelForCausalLM` / `AutoProcessor` and no
-`trust_remote_code`."""
+"""shipyard's speech-LM (audio encoder + projector + causal LM), registered with transformers' Auto classes when
+this package is first imported (`import shipyard.models.speechlm`; every shipyard module that loads a model
+imports it), so an exported directory loads with `AutoModelForCausalLM` / `AutoProcessor` and no
+`trust_remote_code`. Registering here rather than in `shipyard/__init__` keeps `import shipyard` free of
+transformers."""
 
 from shipyard.models.speechlm.configuration import (
     ARCHITECTURE, AUDIO_TOKEN, HYBRID_ARCHITECTURE, MODEL_TYPE, SpeechLMConfig,
@@ -27,6 +29,8 @@ def register() -> None:
     AutoFeatureExtractor.register(SpeechLMConfig, ShipyardSpeechFeatureExtractor)
     AutoProcessor.register(SpeechLMConfig, ShipyardSpeechLMProcessor)
 
+
+register()
 
 __all__ = ["ARCHITECTURE", "AUDIO_TOKEN", "HYBRID_ARCHITECTURE", "MODEL_TYPE", "SpeechLMConfig", "is_speech_lm",
            "register"]
