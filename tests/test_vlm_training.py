@@ -150,6 +150,6 @@ def test_pipeline_two_stages_equal_one_process(data, tmp_path, preset):
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert_same_run(tmp_path / "pp1", tmp_path / "pp2", 6)
     if preset == "qwen3-vl-tiny":  # the pipelined run's export serves: the whole path, verify included
-        proc = run_cli("verify", str(tmp_path / "pp2" / "final"), "--json", timeout=900)
+        proc = run_cli("verify", str(tmp_path / "pp2" / "final"), "--json")
         report = json.loads(proc.stdout)
         assert proc.returncode == 0 and report["ok"] and report["vllm"]["training_prompt_ids_match"], proc.stdout[-3000:]

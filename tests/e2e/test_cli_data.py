@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import assert_user_error, run_cli
+from tests.conftest import assert_user_error, run_cli, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -26,19 +26,19 @@ def test_every_bad_input_is_named_or_counted(tmp_path):
         json.dumps(GOOD).encode(),
     ]
     bad.write_bytes(b"\n".join(lines) + b"\n")
-    proc = run_cli("data", "preview", f"data.train={bad}")
+    proc = run_main("data", "preview", f"data.train={bad}")
     assert_user_error(proc, f"{bad}:2: not valid UTF-8 (byte 0xe9 at column 18)", "data.on_error=skip")
 
-    proc = run_cli("data", "preview", f"data.train={bad}", "data.on_error=skip", "--json")
+    proc = run_main("data", "preview", f"data.train={bad}", "data.on_error=skip", "--json")
     assert proc.returncode == 0, proc.stderr
     samples = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [s["source"] for s in samples] == [f"{bad}:1", f"{bad}:7"]
     counts = json.loads(proc.stderr.strip().splitlines()[-1])
     assert counts["skipped_records"] == {"total": 5, "empty_answer": 1, "malformed": 3, "reasoning_not_rendered": 1}
 
-    proc = run_cli("data", "preview", f"data.train={tmp_path}")
+    proc = run_main("data", "preview", f"data.train={tmp_path}")
     assert_user_error(proc, f"data file '{tmp_path}' is a directory")
-    proc = run_cli("train", "quickstart", "train.max_steps=true")
+    proc = run_main("train", "quickstart", "train.max_steps=true")
     assert_user_error(proc, "'train.max_steps': ", "expected a number, not the boolean true")
 
 

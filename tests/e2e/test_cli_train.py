@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, assert_user_error, losses, run_cli, tiny_overrides
+from tests.conftest import REPO, assert_user_error, losses, run_cli, run_main, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -43,17 +43,18 @@ def test_train_tiny_run_writes_everything(tmp_path):
 
 
 def test_config_show_prints_resolved_recipe():
-    proc = run_cli("config", "show", "quickstart", "optim.lr=0.5")
+    proc = run_main("config", "show", "quickstart", "optim.lr=0.5")
     assert proc.returncode == 0, proc.stderr
     assert "lr: 0.5" in proc.stdout and "micro_batch_size: 32" in proc.stdout and "overlength: truncate" in proc.stdout
 
 
 def test_help_teaches():
-    proc = run_cli("train", "--help")
+    proc = run_main("train", "--help")
     assert proc.returncode == 0 and "quickstart" in proc.stdout and "KEY=VALUE" in proc.stdout
 
 
 def test_unknown_config_key(tmp_path):
+    """In a real process: exit 2 and one line on stderr, no traceback (the other mistakes are checked in-process)."""
     proc = run_cli("train", "quickstart", f"output_dir={tmp_path}", "optim.learning_rate=1e-3")
     assert_user_error(proc, "unknown key 'optim.learning_rate'", "valid keys here: lr")
 
@@ -61,7 +62,7 @@ def test_unknown_config_key(tmp_path):
 def test_malformed_jsonl_line(tmp_path):
     data = tmp_path / "chats.jsonl"
     data.write_text(json.dumps(GOOD) + "\n" + '{"messages": [}\n')
-    proc = run_cli("train", "quickstart", f"output_dir={tmp_path / 'out'}", f"data.train={data}", "data.validation=[]")
+    proc = run_main("train", "quickstart", f"output_dir={tmp_path / 'out'}", f"data.train={data}", "data.validation=[]")
     assert_user_error(proc, f"{data}:2: not valid JSON")
 
 
@@ -80,7 +81,7 @@ def test_record_without_assistant_turn_is_counted(tmp_path):
 def test_empty_dataset(tmp_path):
     data = tmp_path / "empty.jsonl"
     data.write_text("\n")
-    proc = run_cli("train", "quickstart", f"output_dir={tmp_path / 'out'}", f"data.train={data}", "data.validation=[]")
+    proc = run_main("train", "quickstart", f"output_dir={tmp_path / 'out'}", f"data.train={data}", "data.validation=[]")
     assert_user_error(proc, "no training samples left in", str(data))
 
 
@@ -100,12 +101,12 @@ def test_overlength_sample_is_truncated_and_counted(tmp_path):
 
 
 def test_missing_model_path(tmp_path):
-    proc = run_cli("train", "quickstart", f"output_dir={tmp_path}", "model.path=./no/such/model")
+    proc = run_main("train", "quickstart", f"output_dir={tmp_path}", "model.path=./no/such/model")
     assert_user_error(proc, "model.path './no/such/model' does not exist", "qwen3-tiny")
 
 
 def test_unknown_preset_suggests_closest(tmp_path):
-    proc = run_cli("train", "quickstart", f"output_dir={tmp_path}", "model.path=qwen3-tiy")
+    proc = run_main("train", "quickstart", f"output_dir={tmp_path}", "model.path=qwen3-tiy")
     assert_user_error(proc, "'qwen3-tiy'", "did you mean 'qwen3-tiny'")
 
 
