@@ -191,13 +191,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from shipyard.verify.run import format_report, verify
+    from shipyard.verify.run import format_report, verify_many
 
-    report = verify(Path(args.dir), target=args.target, max_new_tokens=args.max_new_tokens,
-                    allow_missing_vllm=args.allow_missing_vllm, trust_remote_code=args.trust_remote_code,
-                    logprob_tolerance=args.logprob_tolerance)
-    print(json.dumps(report) if args.json else format_report(report))
-    return 0 if report["ok"] else 1
+    reports = verify_many([Path(d) for d in args.dirs], target=args.target, max_new_tokens=args.max_new_tokens,
+                          allow_missing_vllm=args.allow_missing_vllm, trust_remote_code=args.trust_remote_code,
+                          logprob_tolerance=args.logprob_tolerance)
+    if args.json:  # one object per directory, one per line
+        print("\n".join(json.dumps(report) for report in reports))
+    else:
+        print("\n\n".join(format_report(report) for report in reports))
+        if len(reports) > 1:
+            failed = [r["dir"] for r in reports if not r["ok"]]
+            print(f"\n{len(reports) - len(failed)} of {len(reports)} directories pass"
+                  + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 0 if all(r["ok"] for r in reports) else 1
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -326,12 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
         "chosen tokens (within a tolerance for vLLM's dtype). Also "
         "checks that DIR's chat template renders exactly what training rendered and that every assistant turn "
         "ends with an EOS id. Exit 0 only when everything agrees.",
-        epilog="examples:\n  shipyard verify runs/quickstart/final\n  shipyard verify runs/quickstart/final --json | jq .ok",
+        epilog="examples:\n  shipyard verify runs/quickstart/final\n  shipyard verify runs/quickstart/final --json | jq .ok\n"
+        "  shipyard verify runs/a/final runs/b/final exported/   # several: one vLLM worker, one JSON line each",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("dir", help="a Hugging Face directory, e.g. runs/NAME/final, or a DFlash drafter directory")
+    p.add_argument("dirs", nargs="+", metavar="DIR",
+                   help="Hugging Face directories (e.g. runs/NAME/final), adapters or DFlash drafter directories; "
+                   "several are checked with one vLLM worker (its start-up paid once)")
     p.add_argument("--target", metavar="DIR", help="a DFlash drafter's target (default: the one it was trained for)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--json", action="store_true", help="print one JSON object per directory (one per line) instead of "
+                   "the table")
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens compared per prompt (default: 32)")
     p.add_argument("--logprob-tolerance", type=float, metavar="X",
                    help="largest |logprob difference| of a generated token accepted (default by vLLM's dtype: "

@@ -66,19 +66,7 @@ def test_without_vllm_says_so_and_fails_unless_allowed(trained, monkeypatch, cap
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_verify_trained_checkpoint_passes(trained):
-    proc = run_cli("verify", str(trained), "--json")
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
-    report = json.loads(proc.stdout)
-    assert report["ok"] and report["template_parity"]
-    assert report["vllm"]["available"] and report["vllm"]["greedy_match"] and report["vllm"]["prompt_ids_match"]
-    assert [r["matched_tokens"] for r in report["vllm"]["per_prompt"]] == [32] * 8
-    assert report["vllm"]["max_abs_logprob_diff"] < 1e-3
-
-
-@pytest.mark.slow
-@pytest.mark.vllm
-def test_broken_export_fails_with_the_difference_named(trained, tmp_path):
+def test_trained_checkpoint_passes_and_a_broken_export_fails_with_the_difference_named(trained, tmp_path):
     import shutil
 
     broken = tmp_path / "broken"
@@ -86,10 +74,30 @@ def test_broken_export_fails_with_the_difference_named(trained, tmp_path):
     cfg = json.loads((broken / "tokenizer_config.json").read_text())
     edit_json(broken / "tokenizer_config.json",
               chat_template=cfg["chat_template"].replace("'\\n' + message['content']", "': ' + message['content']"))
-    proc = run_cli("verify", str(broken))
-    assert proc.returncode == 1, proc.stdout
-    assert "template parity: FAILED" in proc.stdout
-    assert "chat template drift at token 2" in proc.stdout and "NOT OK" in proc.stdout
+    proc = run_cli("verify", str(trained), str(broken), "--json")  # one vLLM worker for both
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]
+    report, broken_report = (json.loads(line) for line in proc.stdout.splitlines())
+
+    assert report["ok"] and report["template_parity"]
+    assert report["vllm"]["available"] and report["vllm"]["greedy_match"] and report["vllm"]["prompt_ids_match"]
+    assert [r["matched_tokens"] for r in report["vllm"]["per_prompt"]] == [32] * 8
+    assert report["vllm"]["max_abs_logprob_diff"] < 1e-3
+
+    assert not broken_report["ok"]
+    table = verify_run.format_report(broken_report)
+    assert "template parity: FAILED" in table
+    assert "chat template drift at token 2" in table and "NOT OK" in table
+
+
+def test_verify_table_of_several_directories_says_which_fail(trained, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.setattr(verify_run, "vllm_available", lambda: False)
+    broken = shutil.copytree(trained, tmp_path / "broken")
+    edit_json(broken / "config.json", rms_norm_eps=0.5)  # no longer the trained function
+    assert cli.main(["verify", str(trained), str(broken), "--allow-missing-vllm", "--max-new-tokens", "4"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("shipyard verify ") == 2 and f"1 of 2 directories pass; failed: {broken}" in out
 
 
 @pytest.mark.slow

