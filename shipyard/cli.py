@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from shipyard.errors import ShipyardError
@@ -19,6 +20,7 @@ examples:
   shipyard train quickstart train.max_steps=100 optim.lr=1e-3
   shipyard config show quickstart                  # every setting, defaults included
   shipyard data preview my_recipe.yaml             # the supervised tokens of the first samples
+  shipyard data prepare my_recipe.yaml             # tokenize into the cache every rank then memory-maps
   shipyard export runs/quickstart/checkpoints/step_500 exported/
   shipyard verify runs/quickstart/final
   shipyard generate runs/quickstart/final chats.jsonl regenerated.jsonl
@@ -128,6 +130,21 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
     recipe_arg, overrides = _split_recipe_and_overrides(args.recipe_and_overrides)
     print(dump_recipe(load_recipe(recipe_arg, overrides)), end="")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from shipyard.config import load_recipe
+    from shipyard.data.dataset import describe_sources
+    from shipyard.data.preview import preview_datasets
+
+    recipe_arg, overrides = _split_recipe_and_overrides(args.recipe_and_overrides)
+    recipe = load_recipe(recipe_arg, [*overrides, "data.cache=true"])
+    started = time.perf_counter()
+    _, data = preview_datasets(recipe, None)
+    print(f"{len(data.train):,} train / {len(data.validation):,} validation samples in {time.perf_counter() - started:.1f} s; "
+          f"skipped {data.skipped.report()}, truncated {data.truncated}")
+    print(describe_sources(data))
     return 0
 
 
@@ -272,6 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                          help="highlight with colour (auto: on a terminal) or with [[brackets]]")
     preview.set_defaults(func=cmd_data_preview)
+    prepare = data_sub.add_parser(
+        "prepare",
+        help="tokenize a recipe's data into the token cache ahead of training",
+        description="Read, mix and tokenize a recipe's training and validation data (in parallel processes) into the "
+        "token cache that `shipyard train` then memory-maps on every rank. Training builds the cache itself when it "
+        "is missing; prepare it ahead of a multi-node job, or to see the counts before paying for GPUs. The cache "
+        "is keyed by everything that changes the samples: run it again after an edit and only a changed key "
+        "tokenizes anew.",
+        epilog="examples:\n  shipyard data prepare my_recipe.yaml\n"
+        "  shipyard data prepare my_recipe.yaml data.num_proc=16 data.cache_dir=/shared/tokens",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    prepare.add_argument("recipe_and_overrides", nargs="*", metavar="[RECIPE] [KEY=VALUE ...]",
+                         help="a recipe file or shipped recipe name (default: quickstart), then dotted overrides")
+    prepare.set_defaults(func=cmd_data_prepare)
 
     p = sub.add_parser(
         "export",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.resources
 from pathlib import Path
 import logging
+import re
 import typing
 from typing import Any, Literal
 
@@ -91,10 +92,30 @@ class ModelConfig(Section):
                                   "defaults); exported where vLLM reads them for the base's family.")
 
 
-class DataSource(Section):
-    """One dataset: a JSONL file / `datasets`-readable file, or a built-in synthetic task."""
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
-    path: str | None = Field(None, description="JSONL file (or .json/.parquet/.csv read through `datasets`).")
+
+def looks_like_hub_dataset(text: str) -> bool:
+    """`org/name` that is not a file shipyard reads (a hub dataset id, as dataset cards write it)."""
+    return (bool(re.fullmatch(r"[\w.-]+/[\w.-]+", text)) and not text.endswith(FILE_SUFFIXES)
+            and not Path(text).expanduser().exists())
+
+
+class DataSource(Section):
+    """One dataset: a local file, a hub dataset, or a built-in synthetic task; and how much of it to use."""
+
+    path: str | None = Field(None, description="Local file: JSONL, or .json/.parquet/.csv read through `datasets`.")
+    dataset: str | None = Field(None, description="Hub dataset id (org/name), read through `datasets` from the "
+                                "Hugging Face cache (HF_HOME; HF_HUB_OFFLINE=1 reads only what is cached).")
+    split: str = Field("train", description="Split of a hub dataset (e.g. train_sft; slices such as "
+                       "train[:10%] work too).")
+    subset: str | None = Field(None, description="A hub dataset's configuration (its subset/name).")
+    revision: str | None = Field(None, description="A hub dataset's branch, tag or commit.")
+    format: Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca"] = Field(
+        "auto", description="Column layout: messages (OpenAI-style), sharegpt (conversations of from/value), "
+        "prompt_completion, alpaca (instruction/input/output); auto: told by the columns present.")
+    columns: dict[str, str] = Field(default_factory=dict, description="The dataset's names for the format's "
+                                    "columns, e.g. {messages: conversation} or {prompt: question, completion: answer}.")
     synthetic: Literal["reverse_words", "sort_words", "shapes", "shapes_mixed", "spoken_digits",
                        "spoken_digits_heldout", "spoken_digits_unseen_voices"] | None = Field(
         None, description="Built-in generated task (shapes: 'What is at the top left?' about coloured shapes in "
@@ -104,15 +125,28 @@ class DataSource(Section):
     )
     num_records: int = Field(10_000, gt=0, description="Records to generate (synthetic only).")
     seed: int = Field(0, description="Generator seed (synthetic only).")
+    weight: float | None = Field(None, gt=0, description="Mixtures: this source's share of the records of all "
+                                 "weighted sources (weights are relative; the total stays their records' sum).")
+    num_samples: int | None = Field(None, gt=0, description="Mixtures: take exactly this many records (a seeded "
+                                    "subset, or repeats beyond the source's size).")
+    epochs: float | None = Field(None, gt=0, description="Mixtures: passes over this source (0.3: a seeded 30%; "
+                                 "2: every record twice).")
 
     @model_validator(mode="after")
     def _exactly_one_kind(self) -> DataSource:
-        if (self.path is None) == (self.synthetic is None):
-            raise ValueError("set exactly one of 'path' or 'synthetic'")
+        if sum(x is not None for x in (self.path, self.dataset, self.synthetic)) != 1:
+            raise ValueError("set exactly one of 'path', 'dataset' or 'synthetic'")
+        if sum(x is not None for x in (self.weight, self.num_samples, self.epochs)) > 1:
+            raise ValueError("set at most one of 'weight', 'num_samples' or 'epochs'")
         return self
 
     def describe(self) -> str:
-        return self.path if self.path is not None else f"synthetic:{self.synthetic}(n={self.num_records}, seed={self.seed})"
+        if self.path is not None:
+            return self.path
+        if self.dataset is not None:
+            subset = f", {self.subset}" if self.subset else ""
+            return f"{self.dataset}[{self.split}{subset}]"
+        return f"synthetic:{self.synthetic}(n={self.num_records}, seed={self.seed})"
 
 
 class DataConfig(Section):
@@ -148,6 +182,12 @@ class DataConfig(Section):
                                      "is ~6 audio tokens with the default 8x subsampling and 2-frame stacking).")
     drop_images: bool = Field(False, description="Train on the text alone, image parts removed: the baseline that "
                               "shows how much the images matter.")
+    cache: bool = Field(True, description="Tokenize once into an on-disk cache that every rank memory-maps; "
+                        "later runs, resumes and previews of the same data start from it.")
+    cache_dir: str | None = Field(None, description="Where token caches live; default: $SHIPYARD_TOKEN_CACHE, "
+                                  "else ~/.cache/shipyard/tokens.")
+    num_proc: int | None = Field(None, gt=0, description="Processes tokenizing a new cache; default: every core "
+                                 "for 10,000 records or more of text data, else 1.")
     packing: bool | Literal["auto"] = Field(
         "auto", description="Pack each micro-batch's samples into rows of max_length with per-document attention; "
         "auto: on with varlen attention (flash_attention_2/3, flex_attention) when a start-up check shows the "
@@ -164,8 +204,12 @@ class DataConfig(Section):
                 if isinstance(value, (dict, str)):
                     value = [value]
                 if isinstance(value, list):
-                    data[key] = [{"path": v} if isinstance(v, str) else v for v in value]
+                    data[key] = [_source_from_text(v) if isinstance(v, str) else v for v in value]
         return data
+
+
+def _source_from_text(text: str) -> dict:
+    return {"dataset": text} if looks_like_hub_dataset(text) else {"path": text}
 
 
 class TrainConfig(Section):

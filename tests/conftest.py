@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 # Deterministic CPU numerics for every test in this process (and the subprocesses it starts).
 torch.set_num_threads(2)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Token caches of this test session live and die with it (a developer's ~/.cache is not touched).
+os.environ.setdefault("SHIPYARD_TOKEN_CACHE", tempfile.mkdtemp(prefix="shipyard-test-tokens-"))
 
 
 @pytest.fixture(scope="session")

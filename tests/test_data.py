@@ -211,7 +211,7 @@ def test_replacing_train_on_the_command_line_drops_the_recipes_validation(tmp_pa
     recipe = load_recipe("quickstart", [f"data.train={path}"])
     assert recipe.data.validation == []
     data = build_datasets(recipe.data, tokenizer, seed=0)
-    assert data.validation == [] and data.validation_origin.startswith("none")
+    assert len(data.validation) == 0 and data.validation_origin.startswith("none")
     recipe = load_recipe("quickstart", [f"data.train={path}", "data.validation_fraction=0.25"])
     assert build_datasets(recipe.data, tokenizer, seed=0).validation_origin.startswith("1 records carved")
     # giving both keeps both

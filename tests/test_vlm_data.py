@@ -328,7 +328,7 @@ def test_bad_images_are_skipped_and_counted_once_each(tmp_path):
 
 
 def test_truncation_never_cuts_an_image(tmp_path, qwen):
-    from shipyard.data.dataset import _fit_length
+    from shipyard.data.dataset import fit_length
 
     processor, encoder = qwen
     tok = processor.tokenizer
@@ -339,11 +339,11 @@ def test_truncation_never_cuts_an_image(tmp_path, qwen):
     sample = tokenize_record(tok, record, "as_served", eos_token_ids(tok), encoder).samples[0]
     pos = image_positions(sample, encoder.image_token_id)
     assert len(pos) == 16 and sample.num_targets == 6  # "a1<|im_end|>", "a2<|im_end|>": 3 tokens each
-    assert _fit_length(sample, pos[1], "truncate", encoder) == "overlength_cuts_image"
-    assert _fit_length(sample, pos[-1], "truncate", encoder) == "overlength_cuts_image"
-    cut = _fit_length(sample, pos[-1] + 1, "truncate", encoder)  # every image token kept; a2 cut off
+    assert fit_length(sample, pos[1], "truncate", encoder) == "overlength_cuts_image"
+    assert fit_length(sample, pos[-1], "truncate", encoder) == "overlength_cuts_image"
+    cut = fit_length(sample, pos[-1] + 1, "truncate", encoder)  # every image token kept; a2 cut off
     assert len(cut.input_ids) == pos[-1] + 1 and cut.num_targets == 3 and cut.images == sample.images
-    assert _fit_length(sample, len(sample.input_ids) - 1, "drop", encoder) == "overlength"
+    assert fit_length(sample, len(sample.input_ids) - 1, "drop", encoder) == "overlength"
 
 
 # ------------------------------------------------------------------ 5. text-only models

@@ -189,3 +189,18 @@ def normalise_record(obj: Any, origin: str, image_root: Path | None = None) -> R
     if not any(m["role"] == "assistant" for m in normalised):
         raise RecordError("no assistant turn: nothing to learn", reason="no_assistant_turn")
     return Record(normalised, origin, tools or None, dict(kwargs))
+
+
+def shape_of(record: Record) -> tuple[str, ...]:
+    """The features of a dialog that change how a template renders it."""
+    m = record.messages
+    features = {
+        "multi_turn": sum(x["role"] == "assistant" for x in m) > 1,
+        "reasoning": any(reasoning_of(x) or "</think>" in x["content"] for x in m if x["role"] == "assistant"),
+        "tool_calls": any(x.get("tool_calls") for x in m),
+        "tools": bool(record.tools),
+        "system": any(x["role"] == "system" for x in m),
+        "template_kwargs": bool(record.template_kwargs),
+        "images": any(isinstance(x["content"], list) for x in m),
+    }
+    return tuple(name for name, present in features.items() if present) or ("single_turn",)

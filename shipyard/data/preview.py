@@ -21,8 +21,8 @@ HIGHLIGHT = ("\x1b[30;42m", "\x1b[0m")  # supervised tokens: black on green
 BRACKETS = ("[[", "]]")  # the same, where colour cannot be shown
 
 
-def preview_datasets(recipe: Recipe, limit: int):
-    """(tokenizer, datasets holding the samples of the first `limit` training records).
+def preview_datasets(recipe: Recipe, limit: int | None):
+    """(tokenizer, datasets holding the samples of the first `limit` training records; all of them for None).
 
     A drafter recipe (task: dflash) renders with its target's tokenizer, as its training does."""
     from shipyard.config import ModelConfig

@@ -98,3 +98,15 @@ def on_main(fn):
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def peak_host_memory_gib(info: DistInfo) -> list[float]:
+    """Each rank's peak resident host memory so far (GiB), gathered to every rank (start-up reports it)."""
+    import resource
+
+    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # Linux reports KiB
+    if not (info.distributed and dist.is_initialized()):
+        return [mine]
+    gathered: list[float] = [0.0] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return gathered

@@ -19,7 +19,7 @@ import torch
 from shipyard.checkpoint.store import fingerprint, save_checkpoint
 from shipyard.config import ModelConfig, Recipe
 from shipyard.data.chat import eos_token_ids
-from shipyard.data.dataset import build_datasets, count_targets
+from shipyard.data.dataset import build_datasets, count_targets, describe_sources
 from shipyard.data.images import media_encoder
 from shipyard.data.loader import StepBatches, eval_batches
 from shipyard.errors import ShipyardError
@@ -222,7 +222,7 @@ def train_dflash(recipe: Recipe) -> dict:
     encoder = media_encoder(processor, recipe.data)
     eos_ids = eos_token_ids(tokenizer, getattr(target.generation_config, "eos_token_id", None))
     data = build_datasets(recipe.data, tokenizer, recipe.seed, stop_ids=eos_ids, encoder=encoder)
-    used = {t for s in data.train for t in s.input_ids}
+    used = data.train.token_ids()
     mask_id = dflash.mask_token_id(tokenizer, target.get_input_embeddings().num_embeddings, draft.mask_token, used)
     config = dflash.drafter_config(target.config, draft.num_layers, draft.block_size, layer_ids, mask_id)
     config.shipyard_target = str(source.local_dir or source.name)
@@ -257,6 +257,7 @@ def train_dflash(recipe: Recipe) -> dict:
         f"{tokenizer.convert_ids_to_tokens(mask_id)!r} ({mask_id}), gamma {draft.slot_decay:g}; "
         f"{len(data.train)} train / {len(data.validation)} validation samples "
         f"({count_targets(data.train):,} supervised tokens); {total_steps} steps")
+    say(describe_sources(data))
     if data.skipped.report()["total"] or data.truncated:
         say(f"data: skipped {data.skipped.report()}, truncated {data.truncated}")
 

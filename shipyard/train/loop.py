@@ -20,7 +20,7 @@ import torch
 
 from shipyard.checkpoint.store import find_resume_dir, fingerprint, load_checkpoint, save_checkpoint
 from shipyard.config import Recipe, dump_recipe
-from shipyard.data.dataset import build_datasets, count_targets
+from shipyard.data.dataset import build_datasets, count_targets, describe_sources
 from shipyard.errors import ShipyardError
 from shipyard.data.loader import BatchPlan, StepBatches, eval_batches
 from shipyard.export.export import export_checkpoint
@@ -34,7 +34,8 @@ from shipyard.models.load import load, load_processor
 from shipyard.models.speechlm import is_speech_lm
 from shipyard.models.vision import blank_image_inputs, freeze, pixel_limits
 from shipyard.parallel import pipeline
-from shipyard.parallel.dist import DistInfo, all_reduce_sum, broadcast_object, init_distributed, on_main
+from shipyard.parallel.dist import (DistInfo, all_reduce_sum, broadcast_object, init_distributed, on_main,
+                                    peak_host_memory_gib)
 from shipyard.parallel.fsdp import apply_parallelism, use_fsdp
 from shipyard.parallel.topology import Topology, build_topology
 from shipyard.peft.setup import setup_lora
@@ -293,6 +294,7 @@ def train(recipe: Recipe) -> TrainResult:
     vision = encoder is not None and not speech
     eos_ids = eos_token_ids(tokenizer, meta.base_eos)  # what serving stops on; every supervised turn ends with one
     data = build_datasets(recipe.data, tokenizer, recipe.seed, stop_ids=eos_ids, encoder=encoder)
+    data_ready = (time.perf_counter() - started, peak_host_memory_gib(dist_info))
     meta.probe = make_probe(tokenizer, data.validation_records, data.train_records, recipe.data.multi_turn, eos_ids,
                             encoder, held_out=recipe.model.mtp is not None)
     frozen = freeze(model, recipe.model.freeze) if recipe.model.freeze else []
@@ -330,14 +332,17 @@ def train(recipe: Recipe) -> TrainResult:
         f"validation: {data.validation_origin}"
         + (f"; chat_template_kwargs {recipe.data.chat_template_kwargs} (exported as the template's defaults)"
            if recipe.data.chat_template_kwargs else ""))
+    say(describe_sources(data))
+    say(f"data ready {data_ready[0]:.1f} s after start; peak host memory per rank "
+        f"{', '.join(f'{g:.2f}' for g in data_ready[1])} GiB")
     if speech:
-        say(f"audio: {sum(len(s.images) for s in data.train)} clips in training samples at "
+        say(f"audio: {data.train.num_media()} clips in training samples at "
             f"{encoder.rate} Hz (resampled with soxr), up to {recipe.data.max_audio_seconds:g} s each; "
             f"CTC side loss weight {model.config.ctc_loss_weight}"
             + (f"; frozen: {len(frozen)} parameter tensors ({', '.join(recipe.model.freeze)})" if frozen else ""))
     elif encoder is not None:
         limits = pixel_limits(processor)
-        say(f"images: {type(processor).__name__}, {sum(len(s.images) for s in data.train)} in training samples"
+        say(f"images: {type(processor).__name__}, {data.train.num_media()} in training samples"
             + (f"; {limits[0]:,}..{limits[1]:,} pixels per image (data.min_pixels/max_pixels, exported)" if limits else "")
             + (f"; frozen: {len(frozen)} parameter tensors ({', '.join(recipe.model.freeze)})" if frozen else ""))
     elif frozen and recipe.model.freeze:

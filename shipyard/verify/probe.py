@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from shipyard.data.audio import AudioEncoder
 from shipyard.data.chat import prompt_and_reference, tokenize_record
-from shipyard.data.messages import Record, reasoning_of
+from shipyard.data.messages import Record, shape_of
 
 PROBE_FILE = "shipyard_verify.json"
 MAX_PROMPTS = 8
@@ -44,21 +44,6 @@ BUILTIN_DIALOG = [
     {"role": "user", "content": "reverse: one two"},
     {"role": "assistant", "content": "two one"},
 ]
-
-
-def shape_of(record: Record) -> tuple[str, ...]:
-    """The features of a dialog that change how a template renders it."""
-    m = record.messages
-    features = {
-        "multi_turn": sum(x["role"] == "assistant" for x in m) > 1,
-        "reasoning": any(reasoning_of(x) or "</think>" in x["content"] for x in m if x["role"] == "assistant"),
-        "tool_calls": any(x.get("tool_calls") for x in m),
-        "tools": bool(record.tools),
-        "system": any(x["role"] == "system" for x in m),
-        "template_kwargs": bool(record.template_kwargs),
-        "images": any(isinstance(x["content"], list) for x in m),
-    }
-    return tuple(name for name, present in features.items() if present) or ("single_turn",)
 
 
 def pick_dialogs(records: list[Record], limit: int = MAX_DIALOGS) -> list[Record]:

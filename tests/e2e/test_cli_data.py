@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import assert_user_error, run_cli, run_main
+from tests.conftest import assert_user_error, losses, run_cli, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -49,3 +49,36 @@ def test_an_error_in_a_multi_process_run_is_said_once(tmp_path):
     assert_user_error(proc, f"data file '{tmp_path / 'gone.jsonl'}' does not exist")
     assert proc.stderr.count("does not exist") == 1 and proc.stderr.count("data.train was replaced") == 1
     assert "ChildFailedError" not in proc.stderr and "Connection closed" not in proc.stderr
+
+
+def test_train_and_preview_a_hub_dataset_in_sharegpt_layout_offline(tmp_path):
+    """`data.train` names a hub dataset and its split, read from an offline cache; ShareGPT rows train with the
+    masks of the same dialogs written as messages, and the second run starts from the token cache."""
+    from tests.test_data_scale import make_hub_dataset
+
+    home = tmp_path / "hf"
+    rows = [{"conversations": [{"from": "human", "value": f"reverse: w{i} v{i} u{i}"},
+                               {"from": "gpt", "value": f"u{i} v{i} w{i}"}]} for i in range(64)]
+    make_hub_dataset(home, "acme/chats", {"train_sft": rows})
+    env = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "SHIPYARD_TOKEN_CACHE": str(tmp_path / "tokens")}
+    source = "data.train={dataset: acme/chats, split: train_sft}"
+    preview = run_cli("data", "preview", "quickstart", source, "--json", "--limit", "3", env=env)
+    assert preview.returncode == 0, preview.stderr[-2000:]
+    as_messages = tmp_path / "m.jsonl"
+    as_messages.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": r["conversations"][0]["value"]},
+        {"role": "assistant", "content": r["conversations"][1]["value"]}]}) + "\n" for r in rows[:3]))
+    expected = run_main("data", "preview", "quickstart", f"data.train={as_messages}", "--json")
+    got = [json.loads(line) for line in preview.stdout.splitlines()]
+    want = [json.loads(line) for line in expected.stdout.splitlines()]
+    assert [(s["input_ids"], s["labels"]) for s in got] == [(s["input_ids"], s["labels"]) for s in want]
+    assert [s["source"] for s in got] == [f"acme/chats[train_sft] row {i}" for i in (1, 2, 3)]
+
+    out = tmp_path / "run"
+    args = ("train", "quickstart", source, f"output_dir={out}", "train.max_steps=2", "eval.generate=false")
+    first = run_cli(*args, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "acme/chats[train_sft]: 64 records -> 64 samples" in first.stdout and "(built)" in first.stdout
+    second = run_cli(*args, "train.resume=never", f"output_dir={tmp_path / 'run2'}", env=env)
+    assert second.returncode == 0 and "(reused)" in second.stdout, second.stderr[-2000:]
+    assert losses(out) == losses(tmp_path / "run2")
