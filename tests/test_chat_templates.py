@@ -131,3 +131,28 @@ def test_qwen3_multi_turn_settings_and_their_counts():
     last, n = as_served.samples[-1], len(as_served.samples[-1].labels)
     assert whole.samples[0].input_ids[:n] == last.input_ids  # the last turn is trained the same either way
     assert whole.samples[0].labels[:n] == last.labels and set(whole.samples[0].labels[n:]) == {IGNORE_INDEX}
+
+
+@pytest.mark.parametrize("family", sorted(MANIFEST))
+def test_the_corpus_through_the_token_cache_gives_the_same_samples(family, tmp_path):
+    """The whole corpus as one JSONL file through build_datasets (token cache, skip rules) gives exactly the
+    samples of tokenizing each dialog on its own, in order."""
+    from shipyard.config import DataConfig
+    from shipyard.data.dataset import build_datasets
+
+    tok = family_tokenizer(family)
+    ids = stop_ids(tok, family)
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in DIALOGS))
+    expected = []
+    for line, dialog in enumerate(DIALOGS, start=1):
+        try:
+            out = tokenize_record(tok, normalise_record(dialog, f"{path}:{line}"), stop_ids=ids)
+        except RecordError:
+            continue
+        expected += [(s.input_ids, s.labels, s.source, s.turns) for s in out.samples]
+    cfg = DataConfig(train=[{"path": str(path)}], on_error="skip", max_length=100_000, cache_dir=str(tmp_path / "c"))
+    for run in ("built", "reused"):
+        data = build_datasets(cfg, tok, seed=0, stop_ids=ids)
+        assert data.cache.endswith(f"({run})")
+        assert [(s.input_ids, s.labels, s.source, s.turns) for s in data.train] == expected, family

@@ -315,3 +315,31 @@ def test_held_out_keys_use_every_validation_record(tokenizer):
     val_keys = {record_key(r) for r in data.validation_records}
     assert len(val_keys) == 5 and data.skipped["duplicate_of_validation"] == 5
     assert np.all([s.source not in {r.origin for r in data.validation_records} for s in data.train])
+
+
+@pytest.mark.parametrize("recipe, overrides", [
+    ("quickstart_vlm", ["data.train={synthetic: shapes, num_records: 120}",
+                        "data.validation=[{synthetic: shapes, num_records: 8, seed: 7}]"]),
+    ("quickstart_speech", ["data.train={synthetic: spoken_digits, num_records: 96, seed: 0}",
+                           "data.validation=[{synthetic: spoken_digits_heldout, num_records: 6, seed: 1}]"]),
+])
+def test_vision_and_speech_samples_through_the_cache_are_the_in_memory_ones(recipe, overrides, tmp_path):
+    from shipyard.config import load_recipe
+    from shipyard.data.images import media_encoder
+    from shipyard.models.load import base_eos, load_processor, load_tokenizer, resolve_source
+
+    cfg = load_recipe(recipe, [*overrides, f"data.cache_dir={tmp_path}"])
+    source = resolve_source(cfg.model.path)
+    tok = load_tokenizer(cfg.model, source, cfg.data.chat_template_kwargs)
+    stop = eos_token_ids(tok, base_eos(cfg.model, source))
+    encoder = media_encoder(load_processor(cfg.model, source, tok), cfg.data)
+    expected = []
+    for record in read_sources(cfg.data.train, "raise", SkipCounter()):
+        for sample in tokenize_record(tok, record, cfg.data.multi_turn, stop, encoder).samples:
+            fit = fit_length(sample, cfg.data.max_length, cfg.data.overlength, encoder)
+            expected += [] if isinstance(fit, str) else [fit]
+    for run in ("built", "reused"):
+        data = build_datasets(cfg.data, tok, cfg.seed, stop_ids=stop, encoder=encoder)
+        assert data.cache.endswith(f"({run})")
+        assert as_tuples(data.train) == as_tuples(expected) and len(expected) > 0
+        assert all(s.images for s in data.train) and data.train.num_media() == sum(len(s.images) for s in expected)
