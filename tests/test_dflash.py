@@ -334,6 +334,39 @@ def _perfect_replay(spans: list[tuple[int, int]], depth: int) -> tuple[list[int]
     return accepted, drafts
 
 
+def test_a_micro_batch_with_no_anchor_trains_with_zero_gradients():
+    """All answers cut: no block to train. The step must still run backward (sharded ranks stay in step)."""
+    from shipyard.train.dflash import DFlashRunner
+
+    target, drafter, batch = _loss_setup()
+    batch = {**batch, "labels": torch.full_like(batch["labels"], -100)}
+    runner = DFlashRunner(drafter, target, drafter.config, gamma=GAMMA, anchors=5, seed=11, chunk_size=7)
+    assert runner.targets([batch]) == 0
+    loss = runner.train_micro_batches([batch], 1.0, torch.device("cpu"))
+    assert float(loss) == 0.0
+    grads = [p.grad for p in drafter.parameters() if p.requires_grad]
+    assert grads and all(g is not None and not g.any() for g in grads)
+
+
+def test_bf16_autocast_runs_the_forwards_in_bf16_and_stays_close_to_fp32():
+    from shipyard.train.dflash import DFlashRunner
+
+    target, drafter, batch = _loss_setup()
+    exact = DFlashRunner(drafter, target, drafter.config, gamma=GAMMA, anchors=5, seed=11, chunk_size=7)
+    mixed = DFlashRunner(drafter, target, drafter.config, gamma=GAMMA, anchors=5, seed=11, chunk_size=7,
+                         autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    rows, anchors = dflash.choose_anchors(batch["labels"], 5, exact._seed(batch))
+    with mixed.autocast():
+        features, _ = mixed.features(batch)  # the residual stream stays fp32; its matmuls run in bf16
+        low = float(mixed.loss(batch, rows, anchors, features))
+    features, _ = exact.features(batch)
+    high = float(exact.loss(batch, rows, anchors, features))
+    assert low != high and low == pytest.approx(high, rel=0.02)
+    assert all(p.dtype == torch.float32 for p in drafter.parameters())  # master weights stay fp32
+    raw = mixed.evaluate([batch], torch.device("cpu"))
+    assert raw["loss"] == pytest.approx(exact.evaluate([batch], torch.device("cpu"))["loss"], rel=0.02)
+
+
 @pytest.mark.parametrize("device", [
     "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
 ])

@@ -9,6 +9,7 @@ directory is in vLLM's DFlash format) -> validation: loss and the offline accept
 from __future__ import annotations
 
 import json
+import contextlib
 import math
 import time
 from contextlib import contextmanager
@@ -84,8 +85,10 @@ class DFlashRunner:
 
     held_elsewhere: frozenset[int] = frozenset()
 
-    def __init__(self, drafter, target, config, gamma: float, anchors: int, seed: int, chunk_size: int):
+    def __init__(self, drafter, target, config, gamma: float, anchors: int, seed: int, chunk_size: int,
+                 autocast=contextlib.nullcontext):
         self.drafter, self.target, self.config = drafter, target, config
+        self.autocast = autocast  # bf16 autocast with train.mixed_precision (both models' forwards), else exact fp32
         self.block, self.mask_id = config.block_size, config.dflash_config["mask_token_id"]
         self.layer_ids = config.dflash_config["target_layer_ids"]
         self.gamma, self.weights = gamma, dflash.slot_weights(self.block, gamma)
@@ -117,7 +120,9 @@ class DFlashRunner:
         states = self.block_states(batch, features, rows, anchors)
         targets, valid = dflash.block_targets(batch["input_ids"], batch["labels"], rows, anchors, self.block)
         head = self.target.get_output_embeddings()
-        total = states.new_zeros((), dtype=torch.float32)
+        # Zero times the states keeps the loss on the drafter's graph when no position is trained (a micro-batch
+        # whose answers were all cut): backward then runs, with zero gradients, and sharded ranks stay in step.
+        total = states.float().sum() * 0.0
         for k in range(1, self.block):  # one weight per slot: chunked CE per slot, weighted
             keep = valid[:, k]
             if keep.any():
@@ -130,8 +135,9 @@ class DFlashRunner:
         for mb in micro_batches:
             mb = {k: v.to(device) for k, v in mb.items()}
             rows, anchors = dflash.choose_anchors(mb["labels"], self.anchors, self._seed(mb))
-            features, _ = self.features(mb)
-            summed = self.loss(mb, rows, anchors, features)
+            with self.autocast():
+                features, _ = self.features(mb)
+                summed = self.loss(mb, rows, anchors, features)
             (summed * scale).backward()
             loss_sum += summed.detach()
         return loss_sum
@@ -144,11 +150,14 @@ class DFlashRunner:
         accepted, ceiling_accepted = [0] * (self.block - 1), [0] * (self.block - 1)
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            features, final = self.features(batch)
+            with self.autocast():
+                features, final = self.features(batch)
             rows, anchors = dflash.choose_anchors(batch["labels"], 10**9, 0)  # every answer position
             if len(anchors) == 0:
                 continue
-            states = self.block_states(batch, features, rows, anchors)
+            with self.autocast():
+                states = self.block_states(batch, features, rows, anchors).float()
+            final = final.float()  # the replay below compares greedy tokens in fp32, whatever the forward ran in
             targets, valid = dflash.block_targets(batch["input_ids"], batch["labels"], rows, anchors, self.block)
             head = self.target.get_output_embeddings()
             for k in range(1, self.block):
@@ -231,12 +240,13 @@ def train_dflash(recipe: Recipe) -> dict:
     model_fingerprint = fingerprint(drafter)
 
     topo = build_topology(recipe.parallel, dist_info, use_fsdp(recipe.parallel, dist_info))
-    bf16 = False
+    from shipyard.train.loop import autocast_for, bf16_enabled, plan_batches, start_or_resume, timed_step
+
+    bf16 = bf16_enabled(recipe, dist_info.device)  # the frozen target and the drafter run in bf16 autocast; fp32 weights
     target = apply_parallelism(target, recipe.parallel, topo, dist_info.device, bf16)
     drafter = apply_parallelism(drafter, recipe.parallel, topo, dist_info.device, bf16)
     runner = DFlashRunner(drafter, target, config, draft.slot_decay, draft.anchors_per_sequence, recipe.seed,
-                          recipe.train.loss_chunk_size)
-    from shipyard.train.loop import plan_batches, start_or_resume, timed_step
+                          recipe.train.loss_chunk_size, autocast_for(recipe, dist_info.device))
 
     plan = plan_batches(recipe, topo)
     total_steps = recipe.train.max_steps or max(1, math.ceil(recipe.train.epochs * len(data.train) / plan.global_batch))
