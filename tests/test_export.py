@@ -174,3 +174,22 @@ def test_every_normalised_export_serves_in_vllm(tmp_path):
         assert v["greedy_match"] and v["prompt_ids_match"], (name, v["per_prompt"])
         assert all(r["matched_tokens"] == 32 for r in v["per_prompt"])
         assert report["template_parity"] and report["ok"], (name, report["template"])
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "default", "rope_theta": 1e6},
+                                  {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0,
+                                   "original_max_position_embeddings": 4096}])
+def test_config_json_keeps_the_top_level_rope_fields_older_readers_use(tmp_path, rope):
+    """transformers 4 (and what is pinned to it) reads rope_theta/rope_scaling; 5 reads rope_parameters."""
+    from transformers import AutoConfig, Qwen3Config
+
+    from shipyard.export.hf import write_config
+
+    config = Qwen3Config(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=32, intermediate_size=64, vocab_size=100, rope_parameters=dict(rope))
+    write_config(tmp_path, config, torch.bfloat16, "Qwen3ForCausalLM")
+    data = json.loads((tmp_path / "config.json").read_text())
+    assert data["rope_theta"] == rope["rope_theta"] == data["rope_parameters"]["rope_theta"]
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    assert data["rope_scaling"] == (scaling if rope["rope_type"] != "default" else None)
+    assert AutoConfig.from_pretrained(tmp_path).rope_parameters == config.rope_parameters

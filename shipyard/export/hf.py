@@ -195,7 +195,20 @@ def write_config(out_dir: Path, config: PretrainedConfig, weights_dtype: torch.d
     for key in ("_name_or_path", "transformers_version_saved"):
         data.pop(key, None)
     data["transformers_version"] = transformers.__version__
+    data.update(legacy_rope_fields(data))
     (out_dir / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def legacy_rope_fields(data: dict) -> dict:
+    """Top-level `rope_theta` and `rope_scaling`, as transformers 4 and the tools pinned to it (older vLLM, SGLang,
+    conversion scripts) read them, equal to the `rope_parameters` transformers 5 writes; without them such a
+    reader silently falls back to its default RoPE. Per-layer-type parameters (Gemma 3) have no such spelling."""
+    rope = data.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope:
+        return {}
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    legacy = scaling.get("rope_type", "default") != "default"
+    return {"rope_theta": rope["rope_theta"], "rope_scaling": scaling if legacy else data.get("rope_scaling")}
 
 
 def write_generation_config(out_dir: Path, eos_ids: list[int], pad_id: int | None) -> None:
