@@ -193,3 +193,41 @@ def test_config_json_keeps_the_top_level_rope_fields_older_readers_use(tmp_path,
     scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     assert data["rope_scaling"] == (scaling if rope["rope_type"] != "default" else None)
     assert AutoConfig.from_pretrained(tmp_path).rope_parameters == config.rope_parameters
+
+
+def _into_hub_cache(home, repo_id: str, folder) -> None:
+    """`folder` as the snapshot of `repo_id` in a Hugging Face cache at `home`, as a download leaves it."""
+    import shutil
+
+    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+
+
+@pytest.mark.slow
+def test_a_hub_id_base_is_followed_like_its_folder(tmp_path):
+    """model.path as a hub id, from an offline cache: the export keeps the base's bf16, its shard layout and
+    its custom code, as from the snapshot folder itself."""
+    bf16 = save_model_dir(tmp_path / "bf16", dtype=torch.bfloat16, max_shard_size="120KB")
+    custom = with_custom_code_in_subfolder(tmp_path / "custom")
+    home = tmp_path / "hf"
+    _into_hub_cache(home, "acme/tiny-bf16", bf16)
+    _into_hub_cache(home, "acme/tiny-custom", custom)
+    env = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    common = ["train.max_steps=1", "eval.generate=false", "data.train={synthetic: reverse_words, num_records: 32}",
+              "data.validation=[]", "train.micro_batch_size=4"]
+    proc = run_cli("train", "quickstart", "model.path=acme/tiny-bf16", f"output_dir={tmp_path / 'a'}", *common, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = tmp_path / "a" / "final"
+    index = read(bf16 / "model.safetensors.index.json")["weight_map"]
+    assert read(final / "model.safetensors.index.json")["weight_map"] == index
+    assert {d for _, d in tensor_names(final).values()} == {"BF16"} and read(final / "config.json")["dtype"] == "bfloat16"
+
+    proc = run_cli("train", "quickstart", "model.path=acme/tiny-custom", "model.trust_remote_code=true",
+                   f"output_dir={tmp_path / 'b'}", *common, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = tmp_path / "b" / "final"
+    for rel in ("custom_code/modeling_tiny.py", "custom_code/configuration_tiny.py", "custom_code/helpers.py"):
+        assert (final / rel).read_text() == (custom / rel).read_text()
+    assert type(AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True)).__name__ == "TinyForCausalLM"

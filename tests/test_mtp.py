@@ -528,3 +528,36 @@ def test_fsdp_two_ranks_equal_one_rank(tmp_path):
     s2 = json.loads((tmp_path / "x2" / "summary.json").read_text())["eval"]
     assert s1["loss_mtp_1"] == pytest.approx(s2["loss_mtp_1"], rel=1e-5)
     assert s1["mtp_before_training"]["loss_mtp_1"] == pytest.approx(s2["mtp_before_training"]["loss_mtp_1"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_hub_id_base_with_a_head_is_loaded_like_its_folder(frozen_run, tmp_path):
+    """The same MiMo-layout base named by its hub id (offline cache): the head is loaded, not re-initialised."""
+    import os
+    import subprocess
+    import sys
+
+    final = frozen_run[0] / "final"
+    repo = tmp_path / "hf" / "hub" / "models--acme--mimo-tiny"
+    shutil.copytree(final, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    code = f"""
+from shipyard.config import load_recipe
+from shipyard.models.load import load
+from shipyard.train.loop import attach_mtp
+from tests.conftest import tiny_overrides
+from pathlib import Path
+for path in ("acme/mimo-tiny", {str(final)!r}):
+    recipe = load_recipe("quickstart", tiny_overrides(Path({str(tmp_path)!r}) / "x", 1) + [f"model.path={{path}}", "model.mtp={{}}"])
+    model, _, source = load(recipe.model, recipe.seed)
+    print(attach_mtp(model, recipe, source, False, []))
+    print(sorted((k, float(v.double().sum())) for k, v in model.mtp.state_dict().items()))
+"""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert "1 layer(s) loaded from the base" in lines[-4] and "1 layer(s) loaded from the base" in lines[-2]
+    assert lines[-3] == lines[-1]  # the same head tensors by hub id and by folder

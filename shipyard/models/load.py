@@ -60,7 +60,21 @@ def resolve_source(path: str) -> ModelSource:
             f"model.path '{path}' does not exist. Give a local Hugging Face directory, a hub id "
             f"(org/name), or a preset: {', '.join(PRESETS)}{did_you_mean(path, PRESETS)}"
         )
-    return ModelSource("hub", path, None)
+    return ModelSource("hub", path, hub_snapshot(path))
+
+
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot folder of a hub model when the Hugging Face cache holds one (no download), else None.
+
+    Every "follow the base" rule (dtype, shard layout, custom code, MTP head, generation config) reads the
+    base's files; a hub id names the same files as the folder it resolves to."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (yet), or not a model repo: from_pretrained says why, later
+        return None
+    return folder if (folder / "config.json").is_file() else None
 
 
 def _hub_error(path: str, error: Exception) -> ShipyardError:
@@ -247,6 +261,8 @@ def load(cfg: ModelConfig, seed: int, template_defaults: dict | None = None
     source = resolve_source(cfg.path)
     tokenizer = load_tokenizer(cfg, source, template_defaults)
     model = load_model(cfg, source, seed)
+    if source.kind == "hub" and source.local_dir is None:  # downloaded just now: its files are in the cache
+        source = ModelSource("hub", source.name, hub_snapshot(source.name))
     if cfg.speech is not None:
         if is_speech_lm(model.config):
             raise ShipyardError(f"model.speech: '{cfg.path}' is already a speech-LM; drop the model.speech section")
