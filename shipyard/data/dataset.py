@@ -23,6 +23,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -235,9 +236,11 @@ def tokenize_into(job: TokenizeJob, folder: Path, num_proc: int = 1, label: str 
 
     try:
         if num_proc > 1 and len(spans) > 1:
-            # spawn, not fork: the parent may hold threads (torch, gloo) that a forked child would inherit broken
-            with multiprocessing.get_context("spawn").Pool(num_proc, _start_worker, (job,)) as pool:
-                for part in pool.imap(_work, spans):  # in order: samples come out as one process would make them
+            # spawn, not fork: the parent may hold threads (torch, gloo) that a forked child would inherit broken.
+            # An executor, not a Pool: a process that dies (out of memory) fails the build instead of hanging it.
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(num_proc, context, _start_worker, (job,)) as pool:
+                for part in pool.map(_work, spans):  # in order: samples come out as one process would make them
                     consume(part)
         else:
             for span in spans:
