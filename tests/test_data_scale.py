@@ -209,7 +209,10 @@ def test_mixture_weights_give_their_proportions_and_the_same_rows_for_a_seed(tmp
     {"train": [{"synthetic": "reverse_words", "num_records": 300}], "validation_fraction": 0.1, "max_length": 24},
     {"train": [{"synthetic": "sort_words", "num_records": 200}], "multi_turn": "whole_dialog"},
 ])
-def test_cached_samples_are_the_in_memory_samples_in_order(tokenizer, recipe_data, tmp_path):
+def test_cached_samples_are_the_in_memory_samples_in_order(tokenizer, recipe_data, tmp_path, monkeypatch):
+    from shipyard.data import dataset
+
+    monkeypatch.setattr(dataset, "CHUNK_RECORDS", 64)  # several chunks: the parallel run below uses 2 processes
     stop = eos_token_ids(tokenizer)
     cfg = DataConfig(**recipe_data, cache_dir=str(tmp_path / "cache"))
     built = build_datasets(cfg, tokenizer, seed=0, stop_ids=stop)
@@ -218,6 +221,7 @@ def test_cached_samples_are_the_in_memory_samples_in_order(tokenizer, recipe_dat
     assert reused.cache.endswith("(reused)")
     parallel = build_datasets(cfg.model_copy(update={"cache": False, "num_proc": 2}), tokenizer, seed=0, stop_ids=stop)
     assert parallel.cache.endswith("(not cached)")
+    assert json.loads((Path(parallel.cache.split(" (")[0]) / "meta.json").read_text())["processes"] == 2
     for data in (reused, parallel):
         assert as_tuples(data.train) == as_tuples(built.train)
         assert as_tuples(data.validation) == as_tuples(built.validation)
