@@ -130,6 +130,15 @@ def test_pp2_1f1b_equals_one_process_llama(reference, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_pp2_equals_one_process_gemma3_per_layer_type_rotary(tmp_path):
+    """Gemma 3's local and global layers rotate with different bases: each stage must pass each layer its own."""
+    train(load_recipe("quickstart", overrides(tmp_path / "one", "gemma3-tiny")))
+    run_pp(tmp_path / "pp", "gemma3-tiny", 2)
+    assert_same_run(tmp_path / "one", tmp_path / "pp")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("schedule", ["gpipe", "interleaved_1f1b"])
 def test_other_schedules_equal_one_process(reference, tmp_path, schedule):
     run_pp(tmp_path / "pp", "qwen3-tiny-4l", 2, f"parallel.pp_schedule={schedule}")

@@ -17,6 +17,7 @@ A model whose own forward is already pipeline-aware sets `_pp_keeps_forward`.
 from __future__ import annotations
 
 import copy
+import inspect
 import types
 
 import torch
@@ -175,13 +176,22 @@ def _inner_stage_forward(self, x, attention_mask=None, position_ids=None):
         attention_mask = None  # nothing is padded: the mask is the plain causal one, cacheable
     masks, position_ids, rotary = _masks_and_rotary(self, hidden, attention_mask, position_ids)
     for index, layer in self.layers.items():
+        layer_type = self.config.layer_types[int(index)] if hasattr(self.config, "layer_types") else "full_attention"
         hidden = layer(
             hidden,
-            attention_mask=masks[self.config.layer_types[int(index)]] if hasattr(self.config, "layer_types") else masks["full_attention"],
+            attention_mask=masks[layer_type],
             position_ids=position_ids,
-            position_embeddings=rotary,
+            position_embeddings=rotary[layer_type] if isinstance(rotary, dict) else rotary,
         )
     return self.norm(hidden) if self.norm is not None else hidden
+
+
+def _rotary(inner, hidden, position_ids):
+    """The rotary embeddings: one pair, or one per layer type where local and global layers rotate differently
+    (Gemma 3, OLMo 3: the rotary module then takes the layer type, as their own forward passes it)."""
+    if "layer_type" not in inspect.signature(inner.rotary_emb.forward).parameters:
+        return inner.rotary_emb(hidden, position_ids)
+    return {t: inner.rotary_emb(hidden, position_ids, t) for t in set(inner.config.layer_types)}
 
 
 def _masks_and_rotary(inner, hidden, attention_mask, position_ids):
@@ -206,7 +216,7 @@ def _masks_and_rotary(inner, hidden, attention_mask, position_ids):
     if "sliding_attention" in getattr(inner.config, "layer_types", []) or []:
         masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
     inner._pp_mask_builds += 1
-    result = (masks, position_ids, inner.rotary_emb(hidden, position_ids))
+    result = (masks, position_ids, _rotary(inner, hidden, position_ids))
     if cacheable:
         inner._pp_mask_cache[key] = result
     return result
