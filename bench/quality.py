@@ -83,7 +83,8 @@ def verify_report(name: str) -> dict:
 
 
 def train(recipe: str, name: str, *overrides: str) -> list[str]:
-    return ["train", recipe, f"output_dir={out(name)}", *overrides]
+    # Never resume: a checkpoint of an earlier run (another max_steps, another recipe) would change the figures.
+    return ["train", recipe, f"output_dir={out(name)}", "train.resume=never", *overrides]
 
 
 def verify(name: str) -> list[str]:
