@@ -29,7 +29,7 @@ def train(out, *extra, steps: int = 4):
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
     """The quickstart's path (synthesis, training with both validation sets, WER, export) at a length that proves
-    it; the full 800 steps on 6,000 clips and their WER threshold (<= 5%, equal in vLLM) are `make quality`."""
+    it; the full 1,200 steps on 6,000 clips and their WER threshold (<= 5%, equal in vLLM) are `make quality`."""
     out = tmp_path_factory.mktemp("speech") / "quickstart_speech"
     proc = run_cli("train", "quickstart_speech", f"output_dir={out}", "train.max_steps=30", SMALL[0],
                    "train.micro_batch_size=8", "optim.warmup_steps=3",
