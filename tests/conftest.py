@@ -24,6 +24,40 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SHIPYARD_TOKEN_CACHE", tempfile.mkdtemp(prefix="shipyard-test-tokens-"))
 
 
+# One vLLM worker for every test that only needs "serves in vLLM as in transformers" (tests/served.py).
+from tests.served import (  # noqa: E402,F401  (fixtures, visible to every module)
+    SERVED_TIMEOUT_S,
+    dist_runs,
+    family_runs,
+    lora_run,
+    pp_qwen3,
+    served,
+    served_distributed,
+    served_export,
+    served_families,
+    served_lora,
+    served_pipeline,
+    served_verify,
+    served_vlm_pipeline,
+    text_base,
+    vlm_data,
+    vlm_pp_qwen3,
+)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "served(group): reads `served`, the one vLLM verification of tests/served.py's "
+                                       "served_<group> directories")
+
+
+def pytest_collection_modifyitems(config, items):
+    # `served` trains and verifies every collected group on first use: its time counts toward the test that
+    # first reads it, so those tests get a timeout above what the fixture may take (tests/served.py).
+    for item in items:
+        if item.get_closest_marker("served") or item.get_closest_marker("cli_verified"):
+            item.add_marker(pytest.mark.timeout(SERVED_TIMEOUT_S))
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from transformers import AutoTokenizer

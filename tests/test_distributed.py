@@ -46,11 +46,9 @@ def weights(directory):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    run(root / "one", 1)
-    run(root / "two", 2)
-    return root
+def runs(dist_runs):
+    """root/one (one process) and root/two (two ranks), session-scoped in tests/served.py (its export is served)."""
+    return dist_runs
 
 
 def cut_to(src, dst, step):
@@ -152,8 +150,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
 
 
 @pytest.mark.vllm
-def test_two_rank_export_serves_in_vllm(runs):
-    from shipyard.verify.run import verify
-
-    report = verify(runs / "two" / "final", max_new_tokens=32)
+@pytest.mark.served("distributed")
+def test_two_rank_export_serves_in_vllm(served):
+    report = served["distributed/two_ranks"]  # verified by the suite's one vLLM worker (tests/served.py)
     assert report["ok"] and report["vllm"]["greedy_match"], report

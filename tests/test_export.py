@@ -153,22 +153,14 @@ def test_cli_refuses_non_empty_out_dir_unless_force(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_every_normalised_export_serves_in_vllm(tmp_path):
-    """Each directory above, exported, loads in vLLM and gives transformers' greedy tokens."""
-    from shipyard.verify.run import verify_many
-
-    sources = {
-        "transformers5_files": save_model_dir(tmp_path / "a"),
-        "unknown_tokenizer_class": with_unknown_tokenizer_class(tmp_path / "b"),
-        "stale_quantization_config": with_stale_quantization_config(tmp_path / "c"),
-        "untied": save_model_dir(tmp_path / "d", preset="qwen3-tiny-untied"),
-        "custom_code": with_custom_code_in_subfolder(tmp_path / "e"),
-        "sharded_bf16": save_model_dir(tmp_path / "f", dtype=torch.bfloat16, max_shard_size="120KB"),
-    }
-    exports = [export_checkpoint(src, tmp_path / f"out_{name}", trust_remote_code=True).out_dir
-               for name, src in sources.items()]
-    reports = verify_many(exports, max_new_tokens=32, trust_remote_code=True)
-    for name, report in zip(sources, reports):
+@pytest.mark.served("export")
+def test_every_normalised_export_serves_in_vllm(served):
+    """Each directory above, exported, loads in vLLM and gives transformers' greedy tokens (tests/served.py builds
+    them; one vLLM worker verifies them with the suite's other served directories)."""
+    names = ["transformers5_files", "unknown_tokenizer_class", "stale_quantization_config", "untied", "custom_code",
+             "sharded_bf16"]
+    for name in names:
+        report = served[f"export/{name}"]
         v = report["vllm"]
         assert v["available"] and v.get("loaded"), (name, v.get("error"))
         assert v["greedy_match"] and v["prompt_ids_match"], (name, v["per_prompt"])

@@ -1,9 +1,9 @@
 """The model families users fine-tune: each trains (full and LoRA), exports, reloads and serves in vLLM.
 
-One module fixture trains every family twice (a full fine-tune from the family's tiny preset, then a LoRA run
-on that fine-tuned model), and verifies every exported directory with ONE vLLM worker process (vLLM's import
-and engine start-up dominate; paying the import once keeps the file at a few minutes on 2 cores). The test
-functions only read its results.
+One session fixture (tests/served.py: `family_runs`) trains every family twice (a full fine-tune from the
+family's tiny preset, then a LoRA run on that fine-tuned model); every exported directory is verified by the ONE
+vLLM worker process that `served` starts for all the suite's "serves in vLLM" directories (vLLM's import and
+engine start-up dominate). The test functions only read their results.
 
 Thirty steps at lr 3e-3 matter: a random tiny model has near-tied logits, and greedy comparisons between two
 engines on it test luck rather than numerics. LoRA runs on the fine-tuned model for the same reason.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,15 +20,13 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from shipyard.config import load_recipe
-from shipyard.export.export import export_checkpoint
 from shipyard.models.attention import choose_attention
 from shipyard.models.presets import VOCAB_SIZE
-from shipyard.train.loop import TrainResult, train
+from shipyard.train.loop import TrainResult
 from shipyard.verify.run import format_report
-from tests.conftest import losses, tiny_overrides
+from tests.conftest import losses
 
-pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.served("families")]
 
 FAMILIES = {
     "llama": "llama-tiny",
@@ -65,7 +62,6 @@ class Matrix:
     dirs: dict[tuple[str, str], Path]
     reports: dict[tuple[str, str], dict]
     train_seconds: float
-    verify_seconds: float
 
 
 def _load(directory: Path, family: str):
@@ -74,39 +70,20 @@ def _load(directory: Path, family: str):
 
 
 @pytest.fixture(scope="module")
-def matrix(tmp_path_factory) -> Matrix:
-    from shipyard.verify.run import verify_many
-
-    root = tmp_path_factory.mktemp("families")
-    runs, dirs = {}, {}
-    started = time.perf_counter()
-    for family, preset in FAMILIES.items():
-        common = ["eval.generate=false"]
-        full, lora = root / family / "full", root / family / "lora"
-        runs[family, "full"] = train(load_recipe(
-            "quickstart", tiny_overrides(full, steps=STEPS, records=RECORDS) + [f"model.path={preset}", *common]))
-        runs[family, "lora"] = train(load_recipe(
-            "quickstart", tiny_overrides(lora, steps=STEPS, records=RECORDS)
-            + [f"model.path={full / 'final'}", "lora.r=8", *common]))
-        dirs[family, "full"], dirs[family, "lora"] = full / "final", lora / "final"
-    # How an MoE LoRA run serves on vLLM's CPU build (no MoE-LoRA kernels there): merged into the base weights.
-    dirs["qwen3-moe", "lora-merged"] = export_checkpoint(
-        dirs["qwen3-moe", "lora"], root / "qwen3-moe" / "lora-merged", merge_lora=True).out_dir
-    train_seconds = time.perf_counter() - started
-
-    started = time.perf_counter()
-    reports = dict(zip(dirs, verify_many(list(dirs.values()))))
-    verify_seconds = time.perf_counter() - started
-
-    print(f"\nfamilies: trained {len(runs)} runs in {train_seconds:.0f}s, verified {len(dirs)} directories with one "
-          f"vLLM worker in {verify_seconds:.0f}s")
+def matrix(family_runs, served) -> Matrix:
+    """The trained matrix (tests/served.py: session-scoped) and its verify reports (one vLLM worker for every
+    directory the suite only needs served, these 17 included)."""
+    runs, trained_dirs, train_seconds = family_runs
+    dirs = dict(trained_dirs)
+    reports = {key: served["families/" + "/".join(key)] for key in dirs}
+    print(f"\nfamilies: trained {len(runs)} runs in {train_seconds:.0f}s, verified {len(dirs)} directories")
     for key, report in reports.items():
         v = report["vllm"]
         loss = runs[key].summary["final_train_loss"] if key in runs else None
         print(f"  {'/'.join(key):<22} loss {f'{loss:.3f}' if loss is not None else '-':>6}  ok {report['ok']!s:<5} "
               f"greedy {v.get('greedy_match')!s:<5} max|dlogprob| {v.get('max_abs_logprob_diff', float('nan')):.1e}  "
               f"vLLM load {v.get('load_seconds', float('nan')):.1f}s  {v.get('error', '')[:120]}")
-    return Matrix(runs, dirs, reports, train_seconds, verify_seconds)
+    return Matrix(runs, dirs, reports, train_seconds)
 
 
 def _ids(run: TrainResult) -> torch.Tensor:

@@ -28,18 +28,10 @@ def lora_overrides(out, base, steps=30, *extra):
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A briefly trained full model: peaked enough logits that greedy comparisons are meaningful."""
-    out = tmp_path_factory.mktemp("lora") / "base"
-    train(load_recipe("quickstart", tiny_overrides(out, steps=60, records=2000) + ["eval.generate=false"]))
-    return out / "final"
-
-
-@pytest.fixture(scope="module")
-def lora_run(base, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lora") / "run"
-    result = train(load_recipe("quickstart", lora_overrides(out, base, 30, "checkpoint.every_steps=15")))
-    return out, result
+def base(text_base):
+    """A briefly trained full model: peaked enough logits that greedy comparisons are meaningful (tests/served.py:
+    the 60-step quickstart test_verify reads too). `lora_run`, the adapter trained on it, is session-scoped there."""
+    return text_base
 
 
 def test_adapter_directory_format(lora_run, base):
@@ -159,12 +151,10 @@ def test_two_rank_lora_equals_one_rank(base, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_adapter_and_merged_export_serve_in_vllm(lora_run, tmp_path):
-    from shipyard.verify.run import verify_many
-
-    out, _ = lora_run
-    merged = export_checkpoint(out / "final", tmp_path / "merged", merge_lora=True).out_dir
-    adapter_report, merged_report = verify_many([out / "final", merged])
+@pytest.mark.served("lora")
+def test_adapter_and_merged_export_serve_in_vllm(served):
+    """The adapter and its --merge-lora export (tests/served.py), verified by the suite's one vLLM worker."""
+    adapter_report, merged_report = served["lora/adapter"], served["lora/merged"]
     assert adapter_report["kind"] == "adapter"
     for report in (adapter_report, merged_report):
         assert report["ok"], report

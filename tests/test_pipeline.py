@@ -77,13 +77,8 @@ def run_pp(out, preset, nproc=2, *extra, env=None, ok=True):
     return proc
 
 
-@pytest.fixture(scope="module")
-def pp_qwen3(tmp_path_factory):
-    """A PP=2, 1F1B, 4 micro-batch run of the Qwen3-style model; its checkpoints serve several tests."""
-    out = tmp_path_factory.mktemp("pp") / "pp_qwen3"
-    proc = run_pp(out, "qwen3-tiny-4l", 2, "parallel.pp_schedule=1f1b", "parallel.pp_microbatches=4")
-    assert "(pipeline 2 x data 1)" in proc.stdout
-    return out
+# pp_qwen3, the PP=2 1F1B run of the Qwen3-style model several tests read, is session-scoped in tests/served.py
+# (its export is served by the suite's one vLLM worker).
 
 
 @pytest.fixture(scope="module")
@@ -224,10 +219,9 @@ def test_unpipelined_checkpoint_resumes_with_pp(reference, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_pp_export_serves_in_vllm(pp_qwen3):
-    from shipyard.verify.run import verify
-
-    report = verify(pp_qwen3 / "final")
+@pytest.mark.served("pipeline")
+def test_pp_export_serves_in_vllm(served):
+    report = served["pipeline/pp2"]  # pp_qwen3's export (tests/served.py)
     assert report["ok"], report
 
 

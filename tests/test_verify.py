@@ -10,17 +10,15 @@ from shipyard.verify import run as verify_run
 from shipyard.verify.hf_greedy import load_for_verify
 from shipyard.verify.probe import read_probe
 from shipyard.verify.run import eos_ids_of, template_parity
-from tests.conftest import run_cli, tiny_overrides
+from tests.conftest import tiny_overrides
 from tests.fixtures import edit_json
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny model trained long enough that its greedy choices are not near-ties; returns final/."""
-    out = tmp_path_factory.mktemp("verify") / "run"
-    proc = run_cli("train", "quickstart", *tiny_overrides(out, steps=60, records=2000), "eval.generate=false")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return out / "final"
+def trained(text_base):
+    """A tiny model trained long enough that its greedy choices are not near-ties; returns final/ (tests/served.py:
+    the 60-step quickstart test_lora adapts too)."""
+    return text_base
 
 
 def test_probe_records_training_rendering(trained):
@@ -66,17 +64,11 @@ def test_without_vllm_says_so_and_fails_unless_allowed(trained, monkeypatch, cap
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_trained_checkpoint_passes_and_a_broken_export_fails_with_the_difference_named(trained, tmp_path):
-    import shutil
-
-    broken = tmp_path / "broken"
-    shutil.copytree(trained, broken)
-    cfg = json.loads((broken / "tokenizer_config.json").read_text())
-    edit_json(broken / "tokenizer_config.json",
-              chat_template=cfg["chat_template"].replace("'\\n' + message['content']", "': ' + message['content']"))
-    proc = run_cli("verify", str(trained), str(broken), "--json")  # one vLLM worker for both
-    assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]
-    report, broken_report = (json.loads(line) for line in proc.stdout.splitlines())
+@pytest.mark.served("verify")
+def test_trained_checkpoint_passes_and_a_broken_export_fails_with_the_difference_named(served):
+    """`trained` and a copy whose template renders the user turn differently (tests/served.py), verified by the
+    suite's one vLLM worker. (`shipyard verify A B --json`'s exit 1 and JSON lines: tests/e2e/test_cli_chat.py.)"""
+    report, broken_report = served["verify/trained"], served["verify/broken"]
 
     assert report["ok"] and report["template_parity"]
     assert report["vllm"]["available"] and report["vllm"]["greedy_match"] and report["vllm"]["prompt_ids_match"]

@@ -26,15 +26,18 @@ from tests.conftest import assert_close_trajectory, losses, run_cli
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
+def write_data(root: Path) -> dict[str, Path]:
     """Image records with text-only ones mixed in, and image-only validation records."""
-    root = tmp_path_factory.mktemp("vlm-data")
     records = shapes(96, 0)
     records[::2] = reverse_words(48, 0)  # every other record is text-only
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (root / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in shapes(8, 1)))
     return {"train": root / "train.jsonl", "val": root / "val.jsonl"}
+
+
+@pytest.fixture(scope="module")
+def data(vlm_data) -> dict[str, Path]:
+    return vlm_data  # tests/served.py: session-scoped, as the pipelined Qwen3-VL runs there read it
 
 
 def overrides(out: Path, data: dict, steps: int, *extra: str, batch: int = 8) -> list[str]:
@@ -136,20 +139,29 @@ def test_fsdp_two_ranks_equal_one_rank(data, tmp_path):
     assert_same_run(tmp_path / "r1", tmp_path / "r2", 8)
 
 
-@pytest.mark.distributed
-@pytest.mark.vllm
-@pytest.mark.parametrize("preset", ["qwen3-vl-tiny", "idefics3-tiny"])
-def test_pipeline_two_stages_equal_one_process(data, tmp_path, preset):
-    """Stage 0 runs the vision tower, projector and decoder layer 0 (Qwen3-VL: with deepstack and M-RoPE
-    positions passed on); stage 1 sees hidden states."""
+def train_pp_pair(root: Path, data: dict, preset: str) -> Path:
+    """root/pp1 (one process) and root/pp2 (two pipeline stages) of `preset`, 6 steps each."""
     for pp in (1, 2):
-        args = overrides(tmp_path / f"pp{pp}", data, 6, "optim.lr=1e-3", "parallel.pp_microbatches=4", *GENERATE,
+        args = overrides(root / f"pp{pp}", data, 6, "optim.lr=1e-3", "parallel.pp_microbatches=4", *GENERATE,
                          f"model.path={preset}")
         extra = ["parallel.pp=2", "--nproc-per-node", "2"] if pp == 2 else []
         proc = run_cli("train", "quickstart_vlm", *args, *extra)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert_same_run(tmp_path / "pp1", tmp_path / "pp2", 6)
+    return root
+
+
+@pytest.mark.distributed
+@pytest.mark.vllm
+@pytest.mark.parametrize("preset", [pytest.param("qwen3-vl-tiny", marks=pytest.mark.served("vlm_pipeline")),
+                                    "idefics3-tiny"])
+def test_pipeline_two_stages_equal_one_process(data, tmp_path, preset, request):
+    """Stage 0 runs the vision tower, projector and decoder layer 0 (Qwen3-VL: with deepstack and M-RoPE
+    positions passed on); stage 1 sees hidden states."""
+    if preset == "qwen3-vl-tiny":  # session-scoped (tests/served.py): its pipelined export is served too
+        root = request.getfixturevalue("vlm_pp_qwen3")
+    else:
+        root = train_pp_pair(tmp_path, data, preset)
+    assert_same_run(root / "pp1", root / "pp2", 6)
     if preset == "qwen3-vl-tiny":  # the pipelined run's export serves: the whole path, verify included
-        proc = run_cli("verify", str(tmp_path / "pp2" / "final"), "--json")
-        report = json.loads(proc.stdout)
-        assert proc.returncode == 0 and report["ok"] and report["vllm"]["training_prompt_ids_match"], proc.stdout[-3000:]
+        report = request.getfixturevalue("served")["vlm_pipeline/pp2"]  # the suite's one vLLM worker
+        assert report["ok"] and report["vllm"]["training_prompt_ids_match"], report

@@ -5,14 +5,10 @@ One run, shared by the tests here: reasoning, tool calls, multi-turn and per-rec
 """
 
 import json
-import shutil
 
 import pytest
 
-from shipyard.config import load_recipe
 from shipyard.data.chat import IGNORE_INDEX
-from shipyard.data.loader import StepBatches
-from shipyard.train.loop import train
 from shipyard.verify.run import format_report
 from tests.conftest import run_cli
 from tests.fixtures import family_tokenizer
@@ -49,28 +45,9 @@ def dialogs() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def qwen3_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qwen3_chat")
-    family_tokenizer("qwen3").save_pretrained(root / "tokenizer")
-    data = root / "chats.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in dialogs()))
-    overrides = [f"model.tokenizer={root / 'tokenizer'}", f"data.train={data}", "data.max_length=512",
-                 "data.chat_template_kwargs={enable_thinking: false}", "train.micro_batch_size=4",
-                 "eval.generate=false", "checkpoint.every_steps=null", "optim.warmup_steps=0", "optim.lr=3e-3"]
-    preview = run_cli("data", "preview", *overrides, "--json", "--limit", "100")
-    assert preview.returncode == 0, preview.stderr[-3000:]
-    samples = [json.loads(line) for line in preview.stdout.splitlines()]
-    batches: list = []
-    record = StepBatches.next_step
-
-    def recording(self):
-        batches.append(record(self))
-        return batches[-1]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(StepBatches, "next_step", recording)
-        result = train(load_recipe("quickstart", [f"output_dir={root / 'run'}", "train.max_steps=40", *overrides]))
-    return root, samples, json.loads(preview.stderr.strip().splitlines()[-1]), batches, result.summary
+def qwen3_run(chat_run):
+    """The run (tests/e2e/conftest.py, session-scoped: its export is verified with the other e2e exports)."""
+    return chat_run
 
 
 def test_preview_json_is_exactly_what_training_consumes(qwen3_run):
@@ -108,25 +85,23 @@ def test_preview_shows_supervised_tokens(qwen3_run):
     assert "assistant turns: {'supervised': 1}" in proc.stdout
 
 
-def test_verify_passes_and_catches_a_flipped_thinking_default(qwen3_run, tmp_path):
+@pytest.mark.vllm
+@pytest.mark.cli_verified("chat")
+def test_verify_passes_and_catches_a_flipped_thinking_default(qwen3_run, cli_verify_chat, cli_verified):
     root, *_ = qwen3_run
-    final = root / "run" / "final"
+    final, flipped = cli_verify_chat["final"], cli_verify_chat["flipped"]
     template = json.loads((final / "tokenizer_config.json").read_text())["chat_template"]
     assert "{%- if enable_thinking is not defined %}{%- set enable_thinking = false %}" in template
+    flipped_template = json.loads((flipped / "tokenizer_config.json").read_text())["chat_template"]
+    assert flipped_template == template.replace("set enable_thinking = false", "set enable_thinking = true")
     probe = json.loads((final / "shipyard_verify.json").read_text())
     assert {tuple(d["shape"]) for d in probe["dialogs"]} >= {("single_turn",), ("multi_turn", "system"),
                                                               ("reasoning", "template_kwargs"),
                                                               ("multi_turn", "tool_calls", "tools")}
-    flipped = shutil.copytree(final, tmp_path / "flipped")
-    config = json.loads((flipped / "tokenizer_config.json").read_text())
-    config["chat_template"] = template.replace("set enable_thinking = false", "set enable_thinking = true")
-    (flipped / "tokenizer_config.json").write_text(json.dumps(config))
-
-    # Both directories with one vLLM worker: exit 1 (one fails), one JSON report per line.
-    proc = run_cli("verify", str(final), str(flipped), "--json")
-    assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]
-    report, flipped_report = (json.loads(line) for line in proc.stdout.splitlines())
-    assert report["ok"] and report["template_parity"], proc.stdout + proc.stderr[-2000:]
+    # Both directories in the one `shipyard verify ... --json` of the e2e exports (tests/e2e/conftest.py): one JSON
+    # report per line, exit 1 since one fails (checked there).
+    report, flipped_report = cli_verified["chat/final"], cli_verified["chat/flipped"]
+    assert report["ok"] and report["template_parity"], report
     assert report["vllm"]["prompt_ids_match"] and report["template"]["dialogs"] == len(probe["dialogs"])
     assert not flipped_report["ok"]
     table = format_report(flipped_report)

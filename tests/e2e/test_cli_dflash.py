@@ -6,22 +6,13 @@ import json
 
 import pytest
 
-from tests.conftest import REPO, run_cli
-
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
 @pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    """A working directory without runs/quickstart/final: the recipe trains its (full, 500-step) target first, as
-    on a fresh clone; then 150 drafter steps. The full 600 and their threshold (tau >= 4.5 offline and in vLLM)
-    are `make quality` (bench/quality.py)."""
-    cwd = tmp_path_factory.mktemp("dflash")
-    proc = run_cli("train", str(REPO / "shipyard" / "recipes" / "quickstart_dflash.yaml"), "train.max_steps=150",
-                   "train.eval_every=75", "checkpoint.every_steps=75",
-                   "data.validation={synthetic: reverse_words, num_records: 60, seed: 1}", cwd=cwd)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return cwd / "runs" / "quickstart_dflash", proc.stdout
+def quickstart(dflash_quickstart):
+    """The DFlash quickstart from a fresh working directory (tests/e2e/conftest.py: `dflash_quickstart`)."""
+    return dflash_quickstart
 
 
 def test_quickstart_trains_the_target_first_then_a_drafter(quickstart):
@@ -36,11 +27,10 @@ def test_quickstart_trains_the_target_first_then_a_drafter(quickstart):
     assert config["architectures"] == ["DFlashDraftModel"] and config["block_size"] == 8
 
 
-def test_verify_serves_the_drafter_in_vllm_losslessly(quickstart):
+@pytest.mark.cli_verified("dflash")
+def test_verify_serves_the_drafter_in_vllm_losslessly(quickstart, cli_verified):
     out, _ = quickstart
-    proc = run_cli("verify", str(out / "final"), "--json", cwd=out.parent.parent)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+    report = cli_verified["dflash/drafter"]  # the one `shipyard verify` of the e2e exports (tests/e2e/conftest.py)
     s = report["speculative"]
     assert report["ok"] and s["method"] == "dflash" and s["num_speculative_tokens"] == 7
     assert s["prompts"] == 60 and s["lossless"] and s["lossless_prompts"] == s["prompts"]

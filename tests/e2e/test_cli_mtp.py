@@ -13,35 +13,24 @@ from tests.conftest import run_cli
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    """The quickstart's path at 120 steps; the full 500 steps and their thresholds (exact match >= 90%, vLLM
-    acceptance at position 0 >= 0.8 and within 0.05 of training's) are `make quality` (bench/quality.py)."""
-    out = tmp_path_factory.mktemp("mtp") / "quickstart_mtp"
-    proc = run_cli("train", "quickstart_mtp", f"output_dir={out}", "train.max_steps=120", "checkpoint.every_steps=60",
-                   "data.validation={synthetic: reverse_words, num_records: 40, seed: 1}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout
+# The runs are session fixtures in tests/e2e/conftest.py (`mtp_quickstart`, `mtp_glm`); both exports are proven in
+# the one `shipyard verify` of the e2e exports there (`cli_verified`).
 
 
 @pytest.fixture(scope="module")
-def glm(tmp_path_factory):
-    """GLM-4.5 layout: model.layers.{L}.*, the MTP block's experts one by one (vLLM's MTP loader reads them so)."""
-    out = tmp_path_factory.mktemp("mtp") / "glm"
-    proc = run_cli("train", "quickstart_mtp", "model.path=glm4-moe-tiny", f"output_dir={out}", "train.max_steps=60",
-                   "checkpoint.every_steps=null", "eval.generate=false",
-                   "data.validation={synthetic: reverse_words, num_records: 40, seed: 1}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
+def quickstart(mtp_quickstart):
+    return mtp_quickstart
 
 
 @pytest.fixture(scope="module")
-def verified(quickstart, glm):
-    """Both exports proven in one `shipyard verify` (one vLLM worker): {run name: report}."""
-    proc = run_cli("verify", str(quickstart[0] / "final"), str(glm / "final"), "--json")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    quickstart_report, glm_report = (json.loads(line) for line in proc.stdout.splitlines())
-    return {"quickstart": quickstart_report, "glm": glm_report}
+def glm(mtp_glm):
+    return mtp_glm
+
+
+@pytest.fixture(scope="module")
+def verified(cli_verified):
+    """{run name: report}."""
+    return {"quickstart": cli_verified["mtp/quickstart"], "glm": cli_verified["mtp/glm"]}
 
 
 def test_quickstart_trains_base_and_head(quickstart):
@@ -66,6 +55,7 @@ def test_quickstart_trains_base_and_head(quickstart):
     assert torch.equal(tensors["model.mtp_layers.0.input_proj.weight"], torch.cat([eh[:, h:], eh[:, :h]], 1))
 
 
+@pytest.mark.cli_verified("mtp")
 def test_verify_proves_lossless_speculative_decoding_in_vllm(verified):
     report = verified["quickstart"]
     spec = report["speculative"]
@@ -113,6 +103,7 @@ def test_nemotron_h_base_gets_a_head_exports_in_its_layout_and_loads_back(tmp_pa
     assert wrong.returncode == 2 and "already has 1 MTP layer(s)" in wrong.stderr, wrong.stderr[-2000:]
 
 
+@pytest.mark.cli_verified("mtp")
 def test_glm4_moe_head_exports_per_expert_serves_in_vllm_and_loads_back(glm, verified):
     """GLM-4.5 layout: model.layers.{L}.*, the MTP block's experts one by one (vLLM's MTP loader reads them so)."""
     from pathlib import Path

@@ -27,16 +27,10 @@ def train(out, *extra, steps: int = 4):
 
 
 @pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    """The quickstart's path (synthesis, training with both validation sets, WER, export) at a length that proves
-    it; the full 1,200 steps on 6,000 clips and their WER threshold (<= 5%, equal in vLLM) are `make quality`."""
-    out = tmp_path_factory.mktemp("speech") / "quickstart_speech"
-    proc = run_cli("train", "quickstart_speech", f"output_dir={out}", "train.max_steps=30", SMALL[0],
-                   "train.micro_batch_size=8", "optim.warmup_steps=3",
-                   "data.validation=[{synthetic: spoken_digits_heldout, num_records: 6, seed: 1}, "
-                   "{synthetic: spoken_digits_unseen_voices, num_records: 6, seed: 2}]", "checkpoint.every_steps=15")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout
+def quickstart(speech_quickstart):
+    """tests/e2e/conftest.py (`speech_quickstart`): its export is verified in the one `shipyard verify` of the e2e
+    exports there."""
+    return speech_quickstart
 
 
 def test_quickstart_reports_word_error_rates_and_exports_a_speech_lm(quickstart):
@@ -60,11 +54,9 @@ def test_quickstart_reports_word_error_rates_and_exports_a_speech_lm(quickstart)
 
 
 @pytest.mark.vllm
-def test_verify_transcribes_alike_in_transformers_and_vllm(quickstart):
-    out, _ = quickstart
-    proc = run_cli("verify", str(out / "final"), "--json")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+@pytest.mark.cli_verified("speech")
+def test_verify_transcribes_alike_in_transformers_and_vllm(cli_verified):
+    report = cli_verified["speech/final"]
     assert report["ok"] and report["vllm"]["available"] and report["vllm"]["greedy_match"] and report["template_parity"]
     assert report["vllm"]["training_prompt_ids_match"] and report["vllm"]["prompt_ids_match"]
     wer = report["wer"]

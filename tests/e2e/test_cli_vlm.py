@@ -18,12 +18,13 @@ SHORT = ["train.max_steps=60", "data.train={synthetic: shapes, num_records: 2000
          "data.validation={synthetic: shapes, num_records: 24, seed: 1}", "checkpoint.every_steps=30"]
 
 
+# The runs are session fixtures in tests/e2e/conftest.py (`vlm_quickstart`, `vlm_idefics3`, `vlm_drafter`); the three
+# exports are proven in the one `shipyard verify` of the e2e exports there (`cli_verified`).
+
+
 @pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    out = tmp_path_factory.mktemp("vlm") / "quickstart_vlm"
-    proc = run_cli("train", "quickstart_vlm", f"output_dir={out}", *SHORT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout
+def quickstart(vlm_quickstart):
+    return vlm_quickstart
 
 
 def test_quickstart_trains_evaluates_and_exports_with_its_processor(quickstart):
@@ -55,36 +56,22 @@ def test_text_only_baseline_trains_without_image_parts(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def idefics3(tmp_path_factory):
-    out = tmp_path_factory.mktemp("vlm") / "idefics3"
-    proc = run_cli("train", "quickstart_vlm", f"output_dir={out}", "model.path=idefics3-tiny", "train.max_steps=60",
-                   "data.train={synthetic: shapes, num_records: 2000, seed: 0}", "eval.max_prompts=16",
-                   "checkpoint.every_steps=null")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
+def idefics3(vlm_idefics3):
+    return vlm_idefics3
 
 
 @pytest.fixture(scope="module")
-def drafter(quickstart, tmp_path_factory):
-    """A DFlash drafter for the Qwen3-VL-shaped target: images go through the target."""
-    out, _ = quickstart
-    drafter = tmp_path_factory.mktemp("vlm") / "drafter"
-    proc = run_cli("train", "quickstart_dflash", f"output_dir={drafter}", f"draft.target={out / 'final'}",
-                   "data.train={synthetic: shapes, num_records: 512, seed: 0}",
-                   "data.validation={synthetic: shapes, num_records: 24, seed: 1}", "train.max_steps=40",
-                   "train.micro_batch_size=16", "train.eval_every=null", "checkpoint.every_steps=null")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return drafter
+def drafter(vlm_drafter):
+    return vlm_drafter
 
 
 @pytest.fixture(scope="module")
-def verified(quickstart, idefics3, drafter):
-    """The three directories proven by one `shipyard verify` (one vLLM worker), one JSON report per line."""
-    proc = run_cli("verify", str(quickstart[0] / "final"), str(idefics3 / "final"), str(drafter / "final"), "--json")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return dict(zip(("quickstart", "idefics3", "drafter"), (json.loads(line) for line in proc.stdout.splitlines())))
+def verified(cli_verified):
+    """{run name: report}."""
+    return {name: cli_verified[f"vlm/{name}"] for name in ("quickstart", "idefics3", "drafter")}
 
 
+@pytest.mark.cli_verified("vlm")
 def test_verify_serves_the_images_in_vllm(verified):
     report = verified["quickstart"]
     assert report["ok"] and report["vllm"]["available"] and report["vllm"]["greedy_match"] and report["template_parity"]
@@ -94,6 +81,7 @@ def test_verify_serves_the_images_in_vllm(verified):
     assert all(p.endswith("[+image]") for p in report["prompts"])
 
 
+@pytest.mark.cli_verified("vlm")
 def test_second_family_idefics3_trains_exports_loads_and_serves(idefics3, verified):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -111,6 +99,7 @@ def test_second_family_idefics3_trains_exports_loads_and_serves(idefics3, verifi
     assert report["vllm"]["training_prompt_ids_match"]  # vLLM's ids, image tokens expanded, are training's
 
 
+@pytest.mark.cli_verified("vlm")
 def test_dflash_drafter_for_the_vlm_target_is_served_losslessly(quickstart, drafter, verified):
     """The drafter reads the target's hidden states at the positions vLLM gives it (M-RoPE's temporal row, not
     the token index)."""
