@@ -58,10 +58,12 @@ class Sampler(threading.Thread):
 
 
 def run(file: Path, ranks: int, cache: Path, code: Path, out: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "shipyard", "train", "quickstart", f"data.train={file}", "train.max_steps=1",
-           f"output_dir={out}", "checkpoint.consolidate=never", "eval.generate=false"]
+           f"output_dir={out}", "checkpoint.consolidate=never", "eval.generate=false", "data.max_length=2048",
+           "train.micro_batch_size=4", "train.resume=never"]
     if ranks > 1:
-        cmd[3:3] = ["--nproc-per-node", str(ranks)]
+        cmd += ["--nproc-per-node", str(ranks)]
     env = {**os.environ, "SHIPYARD_TOKEN_CACHE": str(cache), "PYTHONPATH": str(code), "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

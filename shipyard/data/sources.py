@@ -4,7 +4,7 @@ A source is opened once (`open_source`) into a `Rows`: its length, a content
 fingerprint (the token cache's key) and `records(indices)`, which reads just
 those rows, converts their column layout (data/formats.py) and normalises them
 (data/messages.py). Nothing holds a whole dataset in memory: JSONL is indexed by
-line offsets and read through a memory map; `datasets` tables are memory-mapped
+line offsets and each row read on demand; `datasets` tables are memory-mapped
 Arrow. That is what lets tokenizing processes each read their own share.
 
 A malformed record stops the run with its origin (`file:line`, `file:row N`,
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 from collections import Counter
 from pathlib import Path
 
@@ -90,7 +89,7 @@ class Rows:
 
 
 class JsonlRows(Rows):
-    """A JSONL file, indexed by the offsets of its non-blank lines (numpy over a memory map: no Python per line)."""
+    """A JSONL file, indexed by the offsets of its non-blank lines (numpy over blocks of the file: no Python per line)."""
 
     def __init__(self, source: DataSource, path: Path, image_root: Path):
         super().__init__(source, image_root)
@@ -199,14 +198,14 @@ def parse_line(raw: bytes, lineno: int) -> object:
 def index_lines(path: Path, block: int = 1 << 26) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(start, end, line number) of every line of `path`, read in 64 MiB blocks; blank lines get start == end."""
     ends = []
-    with path.open("rb") as f:
+    buffer = bytearray(block)  # read into one buffer: a memory map would count the whole file in this rank's RSS
+    with path.open("rb", buffering=0) as f:
         size = f.seek(0, 2)
-        if size:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                view = np.frombuffer(data, np.uint8)
-                for at in range(0, size, block):
-                    ends.append(np.flatnonzero(view[at : at + block] == 10) + at)
-                del view
+        f.seek(0)
+        at = 0
+        while n := f.readinto(buffer):
+            ends.append(np.flatnonzero(np.frombuffer(buffer, np.uint8, n) == 10) + at)
+            at += n
     ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
     if size and (not len(ends) or ends[-1] != size - 1):
         ends = np.append(ends, size)  # a last line without its newline
