@@ -46,8 +46,13 @@ def test_bad_value_and_bad_override_syntax():
 
 
 def test_data_source_needs_exactly_one_kind(tmp_path):
-    with pytest.raises(ShipyardError, match="exactly one of 'path' or 'synthetic'"):
+    with pytest.raises(ShipyardError, match="exactly one of 'path', 'dataset' or 'synthetic'"):
         load_recipe(write(tmp_path, "data:\n  train: [{num_records: 3}]\n"))
+    with pytest.raises(ShipyardError, match="at most one of 'weight', 'num_samples' or 'epochs'"):
+        load_recipe(write(tmp_path, "data:\n  train: [{path: a.jsonl, weight: 1, epochs: 2}]\n"))
+    hub = load_recipe(write(tmp_path, "data: {train: acme/chats, validation: [{dataset: acme/chats, split: test}]}\n"))
+    assert (hub.data.train[0].dataset, hub.data.train[0].split, hub.data.train[0].path) == ("acme/chats", "train", None)
+    assert hub.data.validation[0].describe() == "acme/chats[test]"
 
 
 def test_output_dir_defaults_to_runs_name(tmp_path):

@@ -269,47 +269,40 @@ build_datasets(DataConfig.model_validate_json({cfg.model_dump_json()!r}), AutoTo
     assert not list((tmp_path / "cache").glob(".*partial*"))
 
 
-def test_one_rank_tokenizes_the_others_wait_and_read_the_same_samples(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages(DIALOGS[i % 3])} for i in range(600)])
+def two_local_ranks(source: dict, cache: Path) -> list[subprocess.CompletedProcess]:
+    """build_datasets on local ranks 1 (started first: it waits) and 0 (it builds), sharing one token cache; each
+    prints where its samples came from and the samples."""
     code = f"""
 import json
 from transformers import AutoTokenizer
 from shipyard.config import DataConfig
 from shipyard.data.dataset import build_datasets
 from shipyard.models.load import SHIPPED_TOKENIZER
-data = build_datasets(DataConfig(train=[{{"path": {str(path)!r}, "epochs": 1.5}}]),
-                      AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER), 0)
+data = build_datasets(DataConfig(train=[{source!r}]), AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER), 0)
 print(json.dumps({{"how": data.cache.rsplit("(", 1)[1], "samples": [[s.input_ids, s.source] for s in data.train]}}))
 """
-    env = {**os.environ, "SHIPYARD_TOKEN_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "SHIPYARD_TOKEN_CACHE": str(cache)}
     waiting = subprocess.Popen([sys.executable, "-c", code], env={**env, "LOCAL_RANK": "1"}, cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     building = subprocess.run([sys.executable, "-c", code], env={**env, "LOCAL_RANK": "0"}, cwd=ROOT,
                               capture_output=True, text=True, timeout=300)
     out, err = waiting.communicate(timeout=300)
-    assert building.returncode == 0 and waiting.returncode == 0, building.stderr[-2000:] + err[-2000:]
-    rank0, rank1 = json.loads(building.stdout.splitlines()[-1]), json.loads(out.splitlines()[-1])
+    return [building, subprocess.CompletedProcess(waiting.args, waiting.returncode, out, err)]
+
+
+def test_one_rank_tokenizes_the_others_wait_and_read_the_same_samples(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages(DIALOGS[i % 3])} for i in range(600)])
+    ranks = two_local_ranks({"path": str(path), "epochs": 1.5}, tmp_path / "cache")
+    assert all(p.returncode == 0 for p in ranks), ranks[0].stderr[-2000:] + ranks[1].stderr[-2000:]
+    rank0, rank1 = (json.loads(p.stdout.splitlines()[-1]) for p in ranks)
     assert rank0["how"] == "built)" and rank1["how"] in ("built by local rank 0)", "reused)")
     assert rank0["samples"] == rank1["samples"] and len(rank0["samples"]) == 900
 
 
 def test_a_builders_data_error_reaches_the_waiting_ranks(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages(DIALOGS[0])}, {"messages": "oops"}])
-    code = f"""
-from transformers import AutoTokenizer
-from shipyard.config import DataConfig
-from shipyard.data.dataset import build_datasets
-from shipyard.models.load import SHIPPED_TOKENIZER
-build_datasets(DataConfig(train=[{{"path": {str(path)!r}}}]), AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER), 0)
-"""
-    env = {**os.environ, "SHIPYARD_TOKEN_CACHE": str(tmp_path / "cache")}
-    waiting = subprocess.Popen([sys.executable, "-c", code], env={**env, "LOCAL_RANK": "1"}, cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    building = subprocess.run([sys.executable, "-c", code], env={**env, "LOCAL_RANK": "0"}, cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
-    _, err = waiting.communicate(timeout=300)
-    for stderr in (building.stderr, err):
-        assert f'{path}:2: "messages" must be a non-empty list' in stderr
+    for proc in two_local_ranks({"path": str(path)}, tmp_path / "cache"):
+        assert proc.returncode == 1 and f'{path}:2: "messages" must be a non-empty list' in proc.stderr
 
 
 def test_held_out_keys_use_every_validation_record(tokenizer):

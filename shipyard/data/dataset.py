@@ -271,7 +271,8 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 def encoder_fingerprint(encoder) -> str:
     if encoder is None:
         return "none"
-    settings = {k: repr(v) for k, v in vars(encoder).items() if k not in ("processor", "tokenizer")}
+    # ctc: whether batches carry transcripts for a CTC side loss; samples are the same either way
+    settings = {k: repr(v) for k, v in vars(encoder).items() if k not in ("processor", "tokenizer", "ctc")}
     try:
         processor = encoder.processor.to_json_string()
     except Exception:  # noqa: BLE001 - a processor without a JSON form: its class and settings still count
