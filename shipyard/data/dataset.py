@@ -301,14 +301,6 @@ def cache_key(cfg: DataConfig, train: list[Rows], validation: list[Rows], seed: 
 # ------------------------------------------------------------------ build and load
 
 
-def _record_json(record: Record) -> dict:
-    return dataclasses.asdict(record)
-
-
-def _record_from(data: dict) -> Record:
-    return Record(**data)
-
-
 def _write(folder: Path, cfg: DataConfig, train_job: TokenizeJob, val: ChunkResult, val_origin: str,
            made_from: dict, require_train: bool) -> dict:
     """Tokenize training into `folder` (validation is there already); meta.json's content."""
@@ -329,7 +321,7 @@ def _write(folder: Path, cfg: DataConfig, train_job: TokenizeJob, val: ChunkResu
     for position in firsts:
         rows = train_job.rows[train_job.selection.source[position]]
         record = rows.records([int(train_job.selection.row[position])], "skip", SkipCounter())[0]
-        probe_records.append(_record_json(without_images(record) if cfg.drop_images else record))
+        probe_records.append(dataclasses.asdict(without_images(record) if cfg.drop_images else record))
     sel = train_job.selection
     sample_source = sel.source[np.asarray(store.record, np.int64)] if len(store) else np.zeros(0, np.int32)
     n = len(cfg.train)
@@ -341,7 +333,7 @@ def _write(folder: Path, cfg: DataConfig, train_job: TokenizeJob, val: ChunkResu
     return {
         "made_from": made_from, "skipped": dict(skipped), "turns": dict(train.turns),
         "truncated": train.truncated + val.truncated, "validation_origin": val_origin,
-        "validation_records": [_record_json(r) for r in val.records], "probe_records": probe_records,
+        "validation_records": [dataclasses.asdict(r) for r in val.records], "probe_records": probe_records,
         "sources": per_source, "seconds": round(time.perf_counter() - started, 1), "processes": num_proc,
     }
 
@@ -349,12 +341,12 @@ def _write(folder: Path, cfg: DataConfig, train_job: TokenizeJob, val: ChunkResu
 def _load(folder: Path, meta: dict, how: str, limit: int | None) -> Datasets:
     train = token_cache.SampleStore(folder / "train")
     validation = token_cache.SampleStore(folder / "validation")
-    validation_records = [_record_from(r) for r in meta["validation_records"]]
+    validation_records = [Record(**r) for r in meta["validation_records"]]
     if limit is not None:
         train = [train[int(i)] for i in np.flatnonzero(np.asarray(train.record) < limit)]
         validation, validation_records = [], []
     return Datasets(
-        train, validation, validation_records, [_record_from(r) for r in meta["probe_records"]],
+        train, validation, validation_records, [Record(**r) for r in meta["probe_records"]],
         SkipCounter(meta["skipped"]), meta["truncated"], Counter(meta["turns"]), meta["validation_origin"],
         meta["sources"], f"{folder} ({how})",
     )

@@ -71,6 +71,3 @@ def select(sources: list[DataSource], rows: list[np.ndarray], seed: int) -> Sele
         return Selection(np.zeros(0, np.int32), np.zeros(0, np.int64))
     return Selection(np.concatenate(parts_source), np.concatenate(parts_row))
 
-
-def is_mixture(sources: list[DataSource]) -> bool:
-    return any(s.weight is not None or s.num_samples is not None or s.epochs is not None for s in sources)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shipyard.data.chat import IGNORE_INDEX, Sample
+from shipyard.data.chat import Sample
 from shipyard.errors import ShipyardError
 from shipyard.fsutil import crash_point, write_text_atomic
 
@@ -148,14 +148,6 @@ class SampleStore(Sequence):
 
     def num_media(self) -> int:
         return sum(len(self[i].images) for i in range(len(self))) if self.text_offsets["extra"][-1] else 0
-
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    def unsupervised_copy(self, i: int) -> Sample:
-        """Sample i with nothing supervised (filler batches of ranks whose share ran out)."""
-        s = self[i]
-        return Sample(s.input_ids, [IGNORE_INDEX] * len(s.input_ids), s.source, images=s.images)
 
 
 # ------------------------------------------------------------------ build once, publish atomically, share
