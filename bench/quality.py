@@ -132,6 +132,20 @@ def speech_checks() -> list[Check]:
             Check("verify ok", bool(verify_report("speech")["ok"]), True)]
 
 
+def load_memory_checks() -> list[Check]:
+    """bench/load_memory.py --check: each rank's loading peak against one process's, weights bitwise the files'."""
+    checks = []
+    for base, results in json.loads((REPO / "runs" / "load_memory" / "results.json").read_text()).items():
+        one = max(r["peak_gib"] for r in results[0]["ranks"])
+        for result in results[1:]:
+            peak = max(r["peak_gib"] for r in result["ranks"])
+            checks += [Check(f"{result['layout']} {base} rank / one process peak", round(peak / one, 3), 0.60,
+                             at_most=True),
+                       Check(f"{result['layout']} weights bitwise", all(not r["unequal"] for r in result["ranks"]),
+                             True)]
+    return checks
+
+
 TEXT_BASE = str(out("text") / "final")
 
 RUNS = [
@@ -147,6 +161,8 @@ RUNS = [
     Run("dflash", lambda: [train("quickstart_dflash", "dflash", f"draft.target={TEXT_BASE}"), verify("dflash")],
         dflash_checks),
     Run("speech", lambda: [train("quickstart_speech", "speech"), verify("speech")], speech_checks),
+    # Not a quickstart: loading a base of Qwen3-0.6B's shape on 2 ranks (issue 23), about 5 minutes.
+    Run("loading", lambda: [[str(REPO / "bench" / "load_memory.py"), "--check"]], load_memory_checks),
 ]
 
 
@@ -154,18 +170,20 @@ def run_commands(run: Run) -> None:
     logs = OUT / "logs"
     for i, args in enumerate(run.commands()):
         is_verify = args[0] == "verify"
-        log = logs / f"{run.name}.{i}.{args[0]}.log"
+        log = logs / f"{run.name}.{i}.{Path(args[0]).stem}.log"
+        command = [sys.executable, *args] if args[0].endswith(".py") else [sys.executable, "-m", "shipyard", *args]
         with log.open("w") as stderr:
-            proc = subprocess.run([sys.executable, "-m", "shipyard", *args], cwd=REPO, text=True,
+            proc = subprocess.run(command, cwd=REPO, text=True,
                                   stdout=subprocess.PIPE, stderr=stderr, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if is_verify:  # its JSON report, under the name of the run it verified
             (logs / f"{Path(args[1]).parent.name}.verify.json").write_text(proc.stdout)
         else:
             with log.open("a") as f:
                 f.write(proc.stdout)
-        # verify exits 1 when something disagrees; the checks below say what, so only a crash stops the run.
-        if proc.returncode not in ((0, 1) if is_verify else (0,)):
-            raise RuntimeError(f"`shipyard {' '.join(args)}` exited {proc.returncode} (see {log})")
+        # verify (and a bench --check) exits 1 when something disagrees; the checks below say what, so only a
+        # crash stops the run.
+        if proc.returncode not in ((0, 1) if is_verify or args[0].endswith(".py") else (0,)):
+            raise RuntimeError(f"`{' '.join(command[1:])}` exited {proc.returncode} (see {log})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,6 +82,15 @@ class DirectoryWeights:
                     self.shapes[name] = (torch.Size(sl.get_shape()), dtype)
                     self._file_of[name] = filename
 
+    def load_rows(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of one safetensors tensor (all of it without bounds), read alone.
+
+        The file is opened for this tensor only: its memory map, which counts in the process's resident memory,
+        never holds more than these rows (a rank filling its shards reads a fraction of each file)."""
+        with safe_open(self.directory / self._file_of[name], "pt") as f:
+            piece = f.get_slice(name)
+            return piece[start:stop] if start is not None else piece[:]
+
     def _index_dcp(self) -> None:
         metadata = dcp.FileSystemReader(str(self.dcp_dir)).read_metadata()
         for name, item in metadata.state_dict_metadata.items():

@@ -190,6 +190,29 @@ def load_model(cfg: ModelConfig, source: ModelSource, seed: int) -> PreTrainedMo
     return model
 
 
+def build_empty(cfg: ModelConfig, source: ModelSource) -> PreTrainedModel:
+    """The model of a folder source with its parameters on the meta device (no memory, no values): the training
+    loop shards or splits it first and then each rank reads only the tensors it keeps (checkpoint/base_weights.py).
+    Buffers (rotary frequencies and the like) are real: they are computed, not read."""
+    from accelerate import init_empty_weights  # peft's dependency: parameters on meta, buffers real
+
+    path = str(source.local_dir)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    auto = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+    with init_empty_weights(include_buffers=False):
+        model = auto.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
+                                 attn_implementation=choose_attention(config, cfg.attn_implementation))
+    model.tie_weights()  # the context makes a new meta Parameter per registration, untying what the config ties
+    if (source.local_dir / "generation_config.json").is_file():  # from_pretrained would read it too
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.name_or_path = path
+    return model
+
+
+def has_weight_files(source: ModelSource) -> bool:
+    return source.local_dir is not None and any(source.local_dir.glob("*.safetensors"))
+
+
 def register_audio_token(tokenizer: PreTrainedTokenizerBase, config) -> None:
     """A speech-LM's tokenizer holds its placeholder as a special token (added when a tokenizer given with
     model.tokenizer lacks it), and the config names that token's id: one source of truth for every loader."""
@@ -256,11 +279,19 @@ def speech_processor(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase):
         projector_stack=cfg.speech.projector_stack)
 
 
-def load(cfg: ModelConfig, seed: int, template_defaults: dict | None = None
+def load(cfg: ModelConfig, seed: int, template_defaults: dict | None = None, empty: bool = False
          ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]:
+    """The model, its tokenizer and where they came from. `empty`: a folder (or cached hub) base of safetensors is
+    built on the meta device, for the caller to fill per rank; any other base, or one whose embeddings must grow
+    for the tokenizer (new rows are initialised from the loaded ones), is loaded whole."""
     source = resolve_source(cfg.path)
     tokenizer = load_tokenizer(cfg, source, template_defaults)
-    model = load_model(cfg, source, seed)
+    model = None
+    if empty and cfg.speech is None and has_weight_files(source):
+        model = build_empty(cfg, source)
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model = None
+    model = model if model is not None else load_model(cfg, source, seed)
     if source.kind == "hub" and source.local_dir is None:  # downloaded just now: its files are in the cache
         source = ModelSource("hub", source.name, hub_snapshot(source.name))
     if cfg.speech is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -100,11 +101,26 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def peak_host_memory_gib(info: DistInfo) -> list[float]:
-    """Each rank's peak resident host memory so far (GiB), gathered to every rank (start-up reports it)."""
-    import resource
+def own_peak_memory_gib(restart: bool = False) -> float:
+    """This process's peak resident memory (GiB) since it started or since the last `restart`.
 
-    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # Linux reports KiB
+    Linux's VmHWM, which writing 5 to /proc/self/clear_refs resets: start-up measures data preparation and loading
+    each on its own. Elsewhere the peak since start (ru_maxrss), without restarts."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / (1 << 20)
+        if restart:
+            Path("/proc/self/clear_refs").write_text("5")
+        return peak
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # KiB on Linux
+
+
+def peak_host_memory_gib(info: DistInfo, restart: bool = False) -> list[float]:
+    """Each rank's peak resident host memory (GiB) since start or the last restart, gathered to every rank."""
+    mine = own_peak_memory_gib(restart)
     if not (info.distributed and dist.is_initialized()):
         return [mine]
     gathered: list[float] = [0.0] * dist.get_world_size()

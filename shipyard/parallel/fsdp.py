@@ -76,7 +76,8 @@ def use_fsdp(cfg: ParallelConfig, dist_info: DistInfo) -> bool:
 
 def apply_parallelism(model: torch.nn.Module, cfg: ParallelConfig, topo: Topology, device: torch.device,
                       bf16: bool) -> torch.nn.Module:
-    """Activation checkpointing, compile and FSDP2 on `model` (in place); returns it on its device."""
+    """Activation checkpointing, compile and FSDP2 on `model` (in place); returns it on its device, or still on
+    the meta device when it was built empty (checkpoint/base_weights.py fills it, sharded)."""
     layers = decoder_layers(model)
     blocks = list(layers.named_children())
     for key, layer in blocks:
@@ -85,7 +86,8 @@ def apply_parallelism(model: torch.nn.Module, cfg: ParallelConfig, topo: Topolog
             layer.compile()  # nn.Module.compile: compiled in place, no `_orig_mod.` in parameter names
         setattr(layers, key, layer)
     vision = vision_blocks(model) if hasattr(model, "config") else None
-    model.to(device)
+    if not any(p.is_meta for p in model.parameters()):
+        model.to(device)  # an empty model (built on meta) gets its storage, on the device, when it is filled
     if topo.fsdp_mesh is None:
         return model
 

@@ -96,6 +96,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int) -> list[str]:
     for name in targets:
         linear = by_clean[name]
         device, dtype = linear.weight.device, linear.weight.dtype
+        if device.type == "meta":  # a base built empty: adapters start with their values (kept when it is filled)
+            device = torch.device("cpu")
         linear.lora_A = nn.Linear(linear.in_features, cfg.r, bias=False, device=device, dtype=dtype)
         linear.lora_B = nn.Linear(cfg.r, linear.out_features, bias=False, device=device, dtype=dtype)
         with torch.no_grad():  # PEFT's default init: A like nn.Linear (kaiming-uniform), B zero -> no change at step 0

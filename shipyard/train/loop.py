@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shipyard.checkpoint.base_weights import base_weights_for, fill
 from shipyard.checkpoint.store import find_resume_dir, fingerprint, load_checkpoint, save_checkpoint
+from shipyard.checkpoint.weights import DirectoryWeights
 from shipyard.config import Recipe, dump_recipe
 from shipyard.data.dataset import build_datasets, count_targets, describe_sources
 from shipyard.errors import ShipyardError
@@ -92,11 +94,21 @@ def plan_batches(recipe: Recipe, topo: Topology) -> BatchPlan:
 
 
 def build_runner(model, recipe: Recipe, topo: Topology, dist_info: DistInfo, pad_id: int, blank_image=None,
-                 type_keys: tuple[str, ...] = ()):
-    """Split, shard and wrap the model; returns (the rank's model view for optimizer/checkpoints, runner)."""
+                 type_keys: tuple[str, ...] = (), weights: DirectoryWeights | None = None):
+    """Split, shard and wrap the model; returns (the rank's model view for optimizer/checkpoints, runner).
+
+    An empty model (`weights`: the files that fill it) is filled after it is split and sharded: each rank reads
+    only its own part."""
     bf16 = bf16_enabled(recipe, dist_info.device)
+
+    def place(part):
+        part = apply_parallelism(part, recipe.parallel, topo, dist_info.device, bf16)
+        if weights is not None:
+            fill(part, dist_info.device, weights)
+        return part
+
     if recipe.parallel.pp == 1:
-        model = apply_parallelism(model, recipe.parallel, topo, dist_info.device, bf16)
+        model = place(model)
         head = mtp.head_of(model)
         objective = MTPObjective(len(head.layers), recipe.model.mtp.loss_scale) if head is not None else None
         return model, LocalRunner(model, recipe.train.loss_chunk_size, autocast_for(recipe, dist_info.device),
@@ -104,11 +116,8 @@ def build_runner(model, recipe: Recipe, topo: Topology, dist_info: DistInfo, pad
     stage_layers = pipeline.validate(model, recipe.parallel)
     n_stages = len(stage_layers)
     stage_ids = list(range(topo.pp_rank, n_stages, topo.pp_size))  # interleaved: rank r runs r, r + pp, ...
-    parts = [
-        apply_parallelism(pipeline.build_stage(model, stage_layers[s], s == 0, s == n_stages - 1, blank_image),
-                          recipe.parallel, topo, dist_info.device, bf16)
-        for s in stage_ids
-    ]
+    parts = [place(pipeline.build_stage(model, stage_layers[s], s == 0, s == n_stages - 1, blank_image))
+             for s in stage_ids]
     # One module holding all of this rank's parts under their usual names, for the optimizer and checkpoints.
     mine = sorted(i for s in stage_ids for i in stage_layers[s])
     view = pipeline.build_stage(model, mine, 0 in stage_ids, n_stages - 1 in stage_ids, blank_image)
@@ -281,7 +290,13 @@ def train(recipe: Recipe) -> TrainResult:
     started = time.perf_counter()
 
     seed_everything(recipe.seed)
-    model, tokenizer, source = load(recipe.model, recipe.seed, recipe.data.chat_template_kwargs)
+    peak_host_memory_gib(dist_info, restart=True)  # host memory is reported per phase: loading, data
+    # Built empty (on the meta device) where the base's files can fill it per rank after sharding; an MTP head is
+    # built from the base's own layers, so those bases load whole.
+    model, tokenizer, source = load(recipe.model, recipe.seed, recipe.data.chat_template_kwargs,
+                                    empty=recipe.model.mtp is None)
+    model, base_weights, loading = base_weights_for(model, recipe.model, source, recipe.seed)
+    loading_peak = peak_host_memory_gib(dist_info, restart=True)
     meta = model_meta(model, tokenizer, source)
     meta.processor = processor = load_processor(recipe.model, source, tokenizer)
     encoder = media_encoder(processor, recipe.data)
@@ -294,7 +309,7 @@ def train(recipe: Recipe) -> TrainResult:
     vision = encoder is not None and not speech
     eos_ids = eos_token_ids(tokenizer, meta.base_eos)  # what serving stops on; every supervised turn ends with one
     data = build_datasets(recipe.data, tokenizer, recipe.seed, stop_ids=eos_ids, encoder=encoder)
-    data_ready = (time.perf_counter() - started, peak_host_memory_gib(dist_info))
+    data_ready = (time.perf_counter() - started, peak_host_memory_gib(dist_info, restart=True))
     meta.probe = make_probe(tokenizer, data.validation_records, data.train_records, recipe.data.multi_turn, eos_ids,
                             encoder, held_out=recipe.model.mtp is not None)
     frozen = freeze(model, recipe.model.freeze) if recipe.model.freeze else []
@@ -304,10 +319,11 @@ def train(recipe: Recipe) -> TrainResult:
     n_params = sum(p.numel() for p in model.parameters())
 
     topo = build_topology(recipe.parallel, dist_info, use_fsdp(recipe.parallel, dist_info))
-    pack_length = packing_length(model, recipe, topo, say, is_vlm=encoder is not None)
     blank = blank_image_inputs(processor) if vision else None
     model, runner = build_runner(model, recipe, topo, dist_info, tokenizer.pad_token_id, blank,
-                                 tuple(encoder.type_keys) if encoder is not None else ())
+                                 tuple(encoder.type_keys) if encoder is not None else (), base_weights)
+    loading_peak = [max(a, b) for a, b in zip(loading_peak, peak_host_memory_gib(dist_info))]
+    pack_length = packing_length(model, recipe, topo, say, is_vlm=encoder is not None)
     # A pipeline's stage 0 takes each pipeline micro-batch's pixel inputs on its own (parallel/vlm_stages.py).
     image_chunk_rows = recipe.train.micro_batch_size // recipe.parallel.pp_microbatches \
         if encoder is not None and topo.pp_size > 1 else None
@@ -333,8 +349,10 @@ def train(recipe: Recipe) -> TrainResult:
         + (f"; chat_template_kwargs {recipe.data.chat_template_kwargs} (exported as the template's defaults)"
            if recipe.data.chat_template_kwargs else ""))
     say(describe_sources(data))
-    say(f"data ready {data_ready[0]:.1f} s after start; peak host memory per rank "
+    say(f"data ready {data_ready[0]:.1f} s after start; peak host memory per rank while preparing it "
         f"{', '.join(f'{g:.2f}' for g in data_ready[1])} GiB")
+    say(f"weights: {loading}; peak host memory per rank while loading "
+        f"{', '.join(f'{g:.2f}' for g in loading_peak)} GiB")
     if speech:
         say(f"audio: {data.train.num_media()} clips in training samples at "
             f"{encoder.rate} Hz (resampled with soxr), up to {recipe.data.max_audio_seconds:g} s each; "
