@@ -39,6 +39,17 @@ def save_model_dir(out: Path, preset: str = "qwen3-tiny", seed: int = 0, dtype=N
     return out
 
 
+def preset_folder(out: Path, preset: str = "qwen3-tiny", seed: int = 0) -> Path:
+    """The weights a run with `model.path: <preset>` and `seed` starts from, saved as a Hugging Face folder: a run
+    from this folder (built empty, filled from the files) must equal the run from the preset."""
+    from shipyard.config import ModelConfig
+    from shipyard.models.load import load_model, resolve_source
+
+    load_model(ModelConfig(path=preset), resolve_source(preset), seed).save_pretrained(out)
+    AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER).save_pretrained(out)
+    return out
+
+
 def edit_json(path: Path, **changes) -> None:
     data = json.loads(path.read_text())
     for key, value in changes.items():

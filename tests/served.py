@@ -108,12 +108,15 @@ def lora_run(text_base, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def dist_runs(tmp_path_factory) -> Path:
-    """test_distributed's reference runs: root/one (one process) and root/two (FSDP2 on two ranks)."""
+    """test_distributed's reference runs: root/one (one process, the quickstart preset) and root/two (FSDP2 on two
+    ranks, from the preset's initial weights saved as a folder: built empty, each rank filling only its shards)."""
+    from tests.fixtures import preset_folder
     from tests.test_distributed import run
 
     root = tmp_path_factory.mktemp("dist")
     run(root / "one", 1)
-    run(root / "two", 2)
+    proc = run(root / "two", 2, f"model.path={preset_folder(root / 'base')}")
+    assert "weights: built empty, each rank reading only the tensors it keeps" in proc.stdout
     return root
 
 

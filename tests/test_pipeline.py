@@ -25,7 +25,7 @@ from shipyard.parallel import pipeline
 from shipyard.train.loop import train
 from shipyard.train.step import LocalRunner, supervised_tokens
 from tests.conftest import REPO, assert_close_trajectory, losses, run_cli
-from tests.fixtures import random_model
+from tests.fixtures import preset_folder, random_model
 
 STEPS = 10
 
@@ -143,9 +143,11 @@ def test_other_schedules_equal_one_process(reference, tmp_path, schedule):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_pp2_times_dp2_equals_one_process(reference, tmp_path):
-    """FSDP2 inside each stage, with the tied embedding's shards summed across the first and last stage."""
-    proc = run_pp(tmp_path / "pp", "qwen3-tiny", 4)
+    """FSDP2 inside each stage, with the tied embedding's shards summed across the first and last stage; the base
+    is the preset's initial weights as a folder, so each rank fills only its stage's shards from the files."""
+    proc = run_pp(tmp_path / "pp", str(preset_folder(tmp_path / "base", "qwen3-tiny")), 4)
     assert "(pipeline 2 x data 2)" in proc.stdout
+    assert "weights: built empty, each rank reading only the tensors it keeps" in proc.stdout
     assert_same_run(reference / "qwen3-tiny", tmp_path / "pp")
 
 
