@@ -412,9 +412,9 @@ def test_recipe_trains_two_steps_on_stand_ins_from_the_offline_cache(name, offli
     assert summary["steps"] == 2 and len(steps) == 2, printed[-2000:]
     assert all(math.isfinite(x) and x > 0 for x in steps), steps
     final = out / "final"
-    if recipe.task == "dflash":  # the drafter names its target by the snapshot it trained against
+    if recipe.task == "dflash":  # the drafter names the target it trained against
         config = json.loads((final / "config.json").read_text())
-        assert config["shipyard_target"] == str(offline_hub[recipe.draft.target].resolve())
+        assert config["shipyard_target"] in (recipe.draft.target, str(offline_hub[recipe.draft.target].resolve()))
         assert summary["eval"]["drafts"] > 0 and summary["eval"]["mean_acceptance_length"] >= 1.0
     elif recipe.lora is not None:  # a PEFT adapter on the stand-in base
         adapter = json.loads((final / "adapter_config.json").read_text())
