@@ -119,3 +119,46 @@ def family_tokenizer(family: str, template: str = "chat_template.jinja"):
     tok.eos_token = spec["eos_token"]
     tok.chat_template = (CHAT_TEMPLATES / family / template).read_text()
     return tok
+
+
+# ------------------------------------------------------------------ an offline Hugging Face cache
+
+SNAPSHOT = "0" * 40  # the commit every stand-in snapshot is filed under
+
+
+def into_hub_cache(hf_home: Path, repo_id: str, folder: Path) -> Path:
+    """`folder` as the snapshot of model `repo_id` in the Hugging Face cache at `hf_home`, the layout a download
+    leaves (hub/models--org--name/snapshots/<commit> and refs/main); returns the snapshot folder."""
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / SNAPSHOT
+    shutil.copytree(folder, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(SNAPSHOT)
+    return snapshot
+
+
+def hub_dataset_into_cache(hf_home: Path, repo_id: str, splits: dict[str, list[dict]]) -> None:
+    """Put dataset `repo_id` into `hf_home`'s datasets cache in the layout `load_dataset` leaves after a download,
+    so that `load_dataset(repo_id, split=...)` with HF_HUB_OFFLINE=1 and HF_HOME=hf_home reads it. The builder is
+    given the cache folder, so this works whatever HF_HOME the `datasets` of this process read at import."""
+    import datasets
+    from datasets.naming import camelcase_to_snakecase
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    namespace, name = repo_id.split("/")
+    files = {}
+    for split, rows in splits.items():
+        files[split] = str(hf_home / f"src-{namespace}-{name}-{split}.parquet")
+        datasets.Dataset.from_list(rows).to_parquet(files[split])
+    builder = Parquet(dataset_name=f"{namespace}___{name}", data_files=files, hash="0" * 16, config_id="default",
+                      cache_dir=str(hf_home / "datasets"))
+    builder.download_and_prepare()
+    # An offline `load_dataset` looks for NAMESPACE___snake_name/ (the namespace as written) holding
+    # snake_name-SPLIT.arrow files; the builder snake-cased the namespace too and prefixed the files with both.
+    built = Path(builder.cache_dir)
+    for path in built.glob(f"{builder.dataset_name}-*.arrow"):
+        path.rename(path.with_name(path.name.replace(builder.dataset_name, camelcase_to_snakecase(name), 1)))
+    root = hf_home / "datasets" / builder.dataset_name
+    wanted = hf_home / "datasets" / f"{namespace}___{camelcase_to_snakecase(name)}"
+    if root != wanted:
+        root.rename(wanted)

@@ -18,6 +18,7 @@ from shipyard.data.dataset import build_datasets, fit_length, record_key
 from shipyard.data.sources import SkipCounter, read_sources
 from shipyard.data.token_cache import SampleStore
 from shipyard.errors import ShipyardError
+from tests.fixtures import hub_dataset_into_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 DIALOGS = [
@@ -109,27 +110,8 @@ def test_wrong_column_or_format_names_the_columns_there_are(tmp_path, tokenizer)
 
 
 def make_hub_dataset(hf_home: Path, repo_id: str, splits: dict[str, list[dict]]) -> None:
-    """Put `repo_id` into `hf_home`'s datasets cache in the layout `load_dataset` leaves after a download, so
-    that `load_dataset(repo_id, split=...)` with HF_HUB_OFFLINE=1 reads it. Runs in a subprocess: `datasets`
-    reads HF_HOME once, at import."""
-    script = f"""
-import glob, json, os, sys
-os.environ["HF_HOME"] = {str(hf_home)!r}
-import datasets
-from datasets.packaged_modules.parquet.parquet import Parquet
-splits = json.loads(sys.stdin.read())
-files = {{}}
-for name, rows in splits.items():
-    files[name] = os.path.join({str(hf_home)!r}, f"src-{{name}}.parquet")
-    datasets.Dataset.from_list(rows).to_parquet(files[name])
-namespace, name = {repo_id!r}.split("/")
-builder = Parquet(dataset_name=f"{{namespace}}___{{name}}", data_files=files, hash="0" * 16, config_id="default")
-builder.download_and_prepare()
-for path in glob.glob(os.path.join(builder.cache_dir, f"{{namespace}}___{{name}}-*.arrow")):
-    os.rename(path, path.replace(f"{{namespace}}___{{name}}-", f"{{name}}-"))
-"""
-    subprocess.run([sys.executable, "-c", script], input=json.dumps(splits), check=True, capture_output=True,
-                   text=True)
+    """Put `repo_id` into `hf_home`'s datasets cache as a download leaves it (see tests/fixtures.py)."""
+    hub_dataset_into_cache(hf_home, repo_id, splits)
 
 
 @pytest.fixture(scope="module")

@@ -427,7 +427,9 @@ def train(recipe: Recipe) -> TrainResult:
     if recipe.checkpoint.consolidate == "never" and dist_info.distributed and adapter is None:
         final_dir = None  # sharded only; `shipyard consolidate` makes the HF directory later
     else:
-        export_checkpoint(last_saved, final_dir, force=True, dist_info=dist_info)
+        # A base with its own modelling code (model_type unknown to transformers, e.g. MiMo) needs it to read its config.
+        export_checkpoint(last_saved, final_dir, force=True, trust_remote_code=recipe.model.trust_remote_code,
+                          dist_info=dist_info)
     if generate and topo.pp_size > 1:
         if final_dir is None:
             say("eval.generate is skipped: pipelined runs generate from the final export, and checkpoint.consolidate="
