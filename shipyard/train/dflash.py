@@ -29,6 +29,7 @@ from shipyard.export.hf import ModelMeta
 from shipyard.fsutil import write_text_atomic
 from shipyard.models import dflash
 from shipyard.models.load import load, load_processor
+from shipyard.models.vision import blank_image_inputs, is_vision_language, vision_on_blank_image
 from shipyard.parallel.dist import all_reduce_sum, broadcast_object, init_distributed
 from shipyard.parallel.fsdp import apply_parallelism, decoder_layers, use_fsdp
 from shipyard.parallel.topology import build_topology
@@ -86,9 +87,12 @@ class DFlashRunner:
     held_elsewhere: frozenset[int] = frozenset()
 
     def __init__(self, drafter, target, config, gamma: float, anchors: int, seed: int, chunk_size: int,
-                 autocast=contextlib.nullcontext):
+                 autocast=contextlib.nullcontext, blank_image: dict | None = None):
         self.drafter, self.target, self.config = drafter, target, config
         self.autocast = autocast  # bf16 autocast with train.mixed_precision (both models' forwards), else exact fp32
+        # A vision-language target runs its vision tower on this blank image in micro-batches without images, so
+        # every rank gathers the same FSDP2 units in the same order (models/vision.py); it adds exactly 0.
+        self.blank_image = blank_image
         self.block, self.mask_id = config.block_size, config.dflash_config["mask_token_id"]
         self.layer_ids = config.dflash_config["target_layer_ids"]
         self.gamma, self.weights = gamma, dflash.slot_weights(self.block, gamma)
@@ -106,7 +110,8 @@ class DFlashRunner:
     def features(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The target's chosen layer outputs [R, S, K*H] and its final hidden states (for greedy tokens)."""
         inputs = {k: v for k, v in batch.items() if k not in _NOT_INPUTS}
-        with target_features(self.target, self.layer_ids) as captured:
+        with target_features(self.target, self.layer_ids) as captured, \
+                vision_on_blank_image(self.target, self.blank_image, active="pixel_values" not in batch):
             out = self.target(**inputs, attention_mask=batch["attention_mask"], use_cache=False,
                               output_hidden_states=True)
         return torch.cat([captured[i] for i in self.layer_ids], dim=-1), out.hidden_states[-1]
@@ -245,8 +250,9 @@ def train_dflash(recipe: Recipe) -> dict:
     bf16 = bf16_enabled(recipe, dist_info.device)  # the frozen target and the drafter run in bf16 autocast; fp32 weights
     target = apply_parallelism(target, recipe.parallel, topo, dist_info.device, bf16)
     drafter = apply_parallelism(drafter, recipe.parallel, topo, dist_info.device, bf16)
+    blank = blank_image_inputs(processor) if is_vision_language(target.config) else None
     runner = DFlashRunner(drafter, target, config, draft.slot_decay, draft.anchors_per_sequence, recipe.seed,
-                          recipe.train.loss_chunk_size, autocast_for(recipe, dist_info.device))
+                          recipe.train.loss_chunk_size, autocast_for(recipe, dist_info.device), blank)
 
     plan = plan_batches(recipe, topo)
     total_steps = recipe.train.max_steps or max(1, math.ceil(recipe.train.epochs * len(data.train) / plan.global_batch))
