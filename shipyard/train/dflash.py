@@ -125,6 +125,11 @@ class DFlashRunner:
         states = self.block_states(batch, features, rows, anchors)
         targets, valid = dflash.block_targets(batch["input_ids"], batch["labels"], rows, anchors, self.block)
         head = self.target.get_output_embeddings()
+        weight = head.weight
+        if torch.is_autocast_enabled(weight.device.type):
+            # Autocast keeps the low-precision copy of trainable weights only: the frozen head (vocab x hidden) would
+            # be cast again for every slot and chunk, and again in each chunk's recompute. Cast once.
+            weight = weight.to(torch.get_autocast_dtype(weight.device.type))
         # Zero times the states keeps the loss on the drafter's graph when no position is trained (a micro-batch
         # whose answers were all cut): backward then runs, with zero gradients, and sharded ranks stay in step.
         total = states.float().sum() * 0.0
@@ -132,7 +137,7 @@ class DFlashRunner:
             keep = valid[:, k]
             if keep.any():
                 total = total + self.weights[k] * chunked_cross_entropy(
-                    states[keep, k], head.weight, targets[keep, k], self.chunk_size, head.bias)
+                    states[keep, k], weight, targets[keep, k], self.chunk_size, head.bias)
         return total
 
     def train_micro_batches(self, micro_batches, scale: float, device) -> torch.Tensor:
@@ -269,7 +274,8 @@ def train_dflash(recipe: Recipe) -> dict:
     n_params = sum(p.numel() for p in drafter.parameters())
     say(f"shipyard dflash: drafter of {draft.num_layers} layer(s) ({n_params / 1e6:.2f}M parameters) for "
         f"{draft.target} ({sum(p.numel() for p in target.parameters()) / 1e6:.2f}M, frozen) on {dist_info.device} "
-        f"x{dist_info.world_size}; block size {draft.block_size}, target layers {layer_ids}, mask token "
+        f"x{dist_info.world_size} ({'bf16 autocast, fp32 weights' if bf16 else 'fp32'}); block size "
+        f"{draft.block_size}, target layers {layer_ids}, mask token "
         f"{tokenizer.convert_ids_to_tokens(mask_id)!r} ({mask_id}), gamma {draft.slot_decay:g}; "
         f"{len(data.train)} train / {len(data.validation)} validation samples "
         f"({count_targets(data.train):,} supervised tokens); {total_steps} steps")
@@ -328,6 +334,10 @@ def train_dflash(recipe: Recipe) -> dict:
         "wall_seconds": time.perf_counter() - started,
         "steps": total_steps,
         "resumed_from_step": start_step,
+        "mixed_precision": "bf16" if bf16 else "no",  # what the forwards ran in (train.mixed_precision resolved)
+        # rank 0's peak GPU memory (what bf16 saves; bench/dflash_precision.py); None on CPU
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(dist_info.device) / 2**30
+        if dist_info.device.type == "cuda" else None,
         "skipped_records": data.skipped.report(),
         "target": draft.target,
         "final_checkpoint": str(final_dir),
