@@ -7,6 +7,9 @@
 #      head? (Its CPU build does not, for n-gram drafting either: docs/notes/mtp-on-vllm.md.) The verify report,
 #      with the n-gram control, goes to bench/results/mtp_nemotron_h.json.
 #   4. DFlash drafters (text and vision-language targets) served by vLLM's GPU build: bench/results/dflash_*.json
+#   5. DFlash drafter training in fp32 vs bf16 autocast (train.mixed_precision): step time and peak GPU memory with
+#      a Qwen3-0.6B-shaped target, tau offline and in vLLM with the text quickstart's: bench/dflash_precision.py,
+#      bench/results/dflash_precision.json
 # Each result is also written as JSON to bench/results/<preset>.json.
 # Usage: bench/gpu.sh [SHIPYARD]     (SHIPYARD: the shipyard executable; default .venv/bin/shipyard)
 set -euo pipefail
@@ -26,3 +29,6 @@ done
 "$shipyard" train quickstart_dflash output_dir=bench/results/dflash_vlm draft.target=bench/results/quickstart_vlm/final \
     "data.train={synthetic: shapes, num_records: 8000, seed: 0}" "data.validation={synthetic: shapes, num_records: 200, seed: 1}"
 "$shipyard" verify bench/results/dflash_vlm/final --json > bench/results/dflash_vlm.json || true
+# 5. DFlash fp32 -> bf16: the same runs with train.mixed_precision no and bf16 (the target from step 4).
+"$(dirname "$(command -v "$shipyard")")/python" bench/dflash_precision.py --shipyard "$shipyard" \
+    --target bench/results/quickstart/final

@@ -29,6 +29,7 @@ from shipyard.export.hf import ModelMeta
 from shipyard.fsutil import write_text_atomic
 from shipyard.models import dflash
 from shipyard.models.load import load, load_processor
+from shipyard.models.vision import blank_image_inputs, is_vision_language, vision_on_blank_image
 from shipyard.parallel.dist import all_reduce_sum, broadcast_object, init_distributed
 from shipyard.parallel.fsdp import apply_parallelism, decoder_layers, use_fsdp
 from shipyard.parallel.topology import build_topology
@@ -86,9 +87,12 @@ class DFlashRunner:
     held_elsewhere: frozenset[int] = frozenset()
 
     def __init__(self, drafter, target, config, gamma: float, anchors: int, seed: int, chunk_size: int,
-                 autocast=contextlib.nullcontext):
+                 autocast=contextlib.nullcontext, blank_image: dict | None = None):
         self.drafter, self.target, self.config = drafter, target, config
         self.autocast = autocast  # bf16 autocast with train.mixed_precision (both models' forwards), else exact fp32
+        # A vision-language target runs its vision tower on this blank image in micro-batches without images, so
+        # every rank gathers the same FSDP2 units in the same order (models/vision.py); it adds exactly 0.
+        self.blank_image = blank_image
         self.block, self.mask_id = config.block_size, config.dflash_config["mask_token_id"]
         self.layer_ids = config.dflash_config["target_layer_ids"]
         self.gamma, self.weights = gamma, dflash.slot_weights(self.block, gamma)
@@ -106,7 +110,8 @@ class DFlashRunner:
     def features(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The target's chosen layer outputs [R, S, K*H] and its final hidden states (for greedy tokens)."""
         inputs = {k: v for k, v in batch.items() if k not in _NOT_INPUTS}
-        with target_features(self.target, self.layer_ids) as captured:
+        with target_features(self.target, self.layer_ids) as captured, \
+                vision_on_blank_image(self.target, self.blank_image, active="pixel_values" not in batch):
             out = self.target(**inputs, attention_mask=batch["attention_mask"], use_cache=False,
                               output_hidden_states=True)
         return torch.cat([captured[i] for i in self.layer_ids], dim=-1), out.hidden_states[-1]
@@ -120,6 +125,11 @@ class DFlashRunner:
         states = self.block_states(batch, features, rows, anchors)
         targets, valid = dflash.block_targets(batch["input_ids"], batch["labels"], rows, anchors, self.block)
         head = self.target.get_output_embeddings()
+        weight = head.weight
+        if torch.is_autocast_enabled(weight.device.type):
+            # Autocast keeps the low-precision copy of trainable weights only: the frozen head (vocab x hidden) would
+            # be cast again for every slot and chunk, and again in each chunk's recompute. Cast once.
+            weight = weight.to(torch.get_autocast_dtype(weight.device.type))
         # Zero times the states keeps the loss on the drafter's graph when no position is trained (a micro-batch
         # whose answers were all cut): backward then runs, with zero gradients, and sharded ranks stay in step.
         total = states.float().sum() * 0.0
@@ -127,7 +137,7 @@ class DFlashRunner:
             keep = valid[:, k]
             if keep.any():
                 total = total + self.weights[k] * chunked_cross_entropy(
-                    states[keep, k], head.weight, targets[keep, k], self.chunk_size, head.bias)
+                    states[keep, k], weight, targets[keep, k], self.chunk_size, head.bias)
         return total
 
     def train_micro_batches(self, micro_batches, scale: float, device) -> torch.Tensor:
@@ -245,8 +255,9 @@ def train_dflash(recipe: Recipe) -> dict:
     bf16 = bf16_enabled(recipe, dist_info.device)  # the frozen target and the drafter run in bf16 autocast; fp32 weights
     target = apply_parallelism(target, recipe.parallel, topo, dist_info.device, bf16)
     drafter = apply_parallelism(drafter, recipe.parallel, topo, dist_info.device, bf16)
+    blank = blank_image_inputs(processor) if is_vision_language(target.config) else None
     runner = DFlashRunner(drafter, target, config, draft.slot_decay, draft.anchors_per_sequence, recipe.seed,
-                          recipe.train.loss_chunk_size, autocast_for(recipe, dist_info.device))
+                          recipe.train.loss_chunk_size, autocast_for(recipe, dist_info.device), blank)
 
     plan = plan_batches(recipe, topo)
     total_steps = recipe.train.max_steps or max(1, math.ceil(recipe.train.epochs * len(data.train) / plan.global_batch))
@@ -263,7 +274,8 @@ def train_dflash(recipe: Recipe) -> dict:
     n_params = sum(p.numel() for p in drafter.parameters())
     say(f"shipyard dflash: drafter of {draft.num_layers} layer(s) ({n_params / 1e6:.2f}M parameters) for "
         f"{draft.target} ({sum(p.numel() for p in target.parameters()) / 1e6:.2f}M, frozen) on {dist_info.device} "
-        f"x{dist_info.world_size}; block size {draft.block_size}, target layers {layer_ids}, mask token "
+        f"x{dist_info.world_size} ({'bf16 autocast, fp32 weights' if bf16 else 'fp32'}); block size "
+        f"{draft.block_size}, target layers {layer_ids}, mask token "
         f"{tokenizer.convert_ids_to_tokens(mask_id)!r} ({mask_id}), gamma {draft.slot_decay:g}; "
         f"{len(data.train)} train / {len(data.validation)} validation samples "
         f"({count_targets(data.train):,} supervised tokens); {total_steps} steps")
@@ -322,6 +334,10 @@ def train_dflash(recipe: Recipe) -> dict:
         "wall_seconds": time.perf_counter() - started,
         "steps": total_steps,
         "resumed_from_step": start_step,
+        "mixed_precision": "bf16" if bf16 else "no",  # what the forwards ran in (train.mixed_precision resolved)
+        # rank 0's peak GPU memory (what bf16 saves; bench/dflash_precision.py); None on CPU
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(dist_info.device) / 2**30
+        if dist_info.device.type == "cuda" else None,
         "skipped_records": data.skipped.report(),
         "target": draft.target,
         "final_checkpoint": str(final_dir),

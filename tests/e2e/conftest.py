@@ -209,13 +209,16 @@ def vlm_idefics3(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def vlm_drafter(vlm_quickstart, tmp_path_factory):
-    """A DFlash drafter for the Qwen3-VL-shaped target: images go through the target."""
+    """A DFlash drafter for the Qwen3-VL-shaped target: images go through the target. Trained with
+    `train.mixed_precision: bf16` (CPU autocast; the text quickstart's drafter is the fp32 one), so the one vLLM
+    check of this drafter also proves that a bf16-trained drafter serves losslessly."""
     out, _ = vlm_quickstart
     drafter = tmp_path_factory.mktemp("vlm") / "drafter"
     proc = run_cli("train", "quickstart_dflash", f"output_dir={drafter}", f"draft.target={out / 'final'}",
                    "data.train={synthetic: shapes, num_records: 512, seed: 0}",
                    "data.validation={synthetic: shapes, num_records: 24, seed: 1}", "train.max_steps=40",
-                   "train.micro_batch_size=16", "train.eval_every=null", "checkpoint.every_steps=null")
+                   "train.micro_batch_size=16", "train.eval_every=null", "checkpoint.every_steps=null",
+                   "train.mixed_precision=bf16")
     _ok(proc)
     return drafter
 

@@ -102,7 +102,9 @@ def test_second_family_idefics3_trains_exports_loads_and_serves(idefics3, verifi
 @pytest.mark.cli_verified("vlm")
 def test_dflash_drafter_for_the_vlm_target_is_served_losslessly(quickstart, drafter, verified):
     """The drafter reads the target's hidden states at the positions vLLM gives it (M-RoPE's temporal row, not
-    the token index)."""
+    the token index). It trained under bf16 autocast (`train.mixed_precision: bf16` on CPU) and exports its fp32
+    master weights."""
+    from safetensors import safe_open
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from shipyard.data.images import ImageEncoder
@@ -111,8 +113,12 @@ def test_dflash_drafter_for_the_vlm_target_is_served_losslessly(quickstart, draf
     from shipyard.verify.probe import read_probe
 
     out, _ = quickstart
-    ev = json.loads((drafter / "summary.json").read_text())["eval"]
+    summary = json.loads((drafter / "summary.json").read_text())
+    assert summary["mixed_precision"] == "bf16"
+    ev = summary["eval"]
     assert 1.0 < ev["mean_acceptance_length"] <= ev["ceiling_mean_acceptance_length"]
+    with safe_open(drafter / "final" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"F32"}
 
     s = verified["drafter"]["speculative"]
     assert s["method"] == "dflash" and s["prompts"] == 24 and s["lossless"] and s["prompt_ids_equal"]
