@@ -113,8 +113,12 @@ def dist_runs(tmp_path_factory) -> Path:
     from tests.fixtures import preset_folder
     from tests.test_distributed import run
 
+    from shipyard.config import load_recipe
+    from shipyard.train.loop import train
+    from tests.test_distributed import args
+
     root = tmp_path_factory.mktemp("dist")
-    run(root / "one", 1)
+    train(load_recipe("quickstart", args(root / "one", 1)[2:]))  # in this process: the same run without a start-up
     proc = run(root / "two", 2, f"model.path={preset_folder(root / 'base')}")
     assert "weights: built empty, each rank reading only the tensors it keeps" in proc.stdout
     return root

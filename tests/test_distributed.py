@@ -121,21 +121,26 @@ def test_consolidate_every_writes_safetensors_in_parallel(tmp_path):
     AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step_5")
 
 
-@pytest.mark.parametrize("point", ["model_saved", "optimizer_saved", "metadata_written", "renamed"])
-def test_killed_during_save_resumes_from_previous_checkpoint(runs, tmp_path, point):
-    out = tmp_path / "crash"
-    proc = run(out, 2, env={"SHIPYARD_CRASH_AT": f"{point}:{STEPS}"}, ok=False)
-    assert proc.returncode != 0
-    ckpts = out / "checkpoints"
-    assert (ckpts / "LATEST").read_text().strip() == f"step_{EVERY}"
-    assert (ckpts / f"step_{EVERY}" / "shipyard" / "checkpoint.json").is_file()
-    if point != "renamed":
-        assert (ckpts / f".step_{STEPS}.partial").is_dir() and not (ckpts / f"step_{STEPS}").exists()
-
-    proc = run(out, 2)
-    if point != "renamed":
-        assert f"removing incomplete checkpoint directories (a save was interrupted): .step_{STEPS}.partial" in proc.stderr
-    assert f"resumed from {ckpts / f'step_{EVERY}'}" in proc.stdout
+def test_killed_at_each_point_of_a_save_resumes_from_previous_checkpoint(runs, tmp_path):
+    """Killed in each phase of the step-20 save in turn (each run resuming the previous one's leftovers), then run
+    to the end: every time the step-10 checkpoint is the one resumed, and the trajectory is the uninterrupted one."""
+    out, ckpts = tmp_path / "crash", tmp_path / "crash" / "checkpoints"
+    before = None  # the phase the previous run was killed in
+    for point in ["model_saved", "optimizer_saved", "metadata_written", "renamed", None]:
+        proc = run(out, 2, env={"SHIPYARD_CRASH_AT": f"{point}:{STEPS}"} if point else None, ok=point is None)
+        if before is not None:
+            assert f"resumed from {ckpts / f'step_{EVERY}'}" in proc.stdout, point
+            if before != "renamed":
+                assert ("removing incomplete checkpoint directories (a save was interrupted): "
+                        f".step_{STEPS}.partial") in proc.stderr, point
+        if point is None:
+            break
+        assert proc.returncode != 0
+        assert (ckpts / "LATEST").read_text().strip() == f"step_{EVERY}", point
+        assert (ckpts / f"step_{EVERY}" / "shipyard" / "checkpoint.json").is_file()
+        if point != "renamed":
+            assert (ckpts / f".step_{STEPS}.partial").is_dir() and not (ckpts / f"step_{STEPS}").exists(), point
+        before = point
     assert losses(out) == losses(runs / "two")  # same world size: the same trajectory, bit for bit
     assert not list(ckpts.glob(".*.partial"))
 

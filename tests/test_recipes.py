@@ -414,12 +414,12 @@ def test_recipe_trains_two_steps_on_stand_ins_from_the_offline_cache(name, offli
     final = out / "final"
     if recipe.task == "dflash":  # the drafter names the target it trained against
         config = json.loads((final / "config.json").read_text())
-        assert config["shipyard_target"] in (recipe.draft.target, str(offline_hub[recipe.draft.target].resolve()))
+        assert config["shipyard_target"] == recipe.draft.target  # the hub id, not this machine's cache path
         assert summary["eval"]["drafts"] > 0 and summary["eval"]["mean_acceptance_length"] >= 1.0
     elif recipe.lora is not None:  # a PEFT adapter on the stand-in base
         adapter = json.loads((final / "adapter_config.json").read_text())
-        assert adapter["r"] == recipe.lora.r and adapter["base_model_name_or_path"] in (
-            recipe.model.path, str(offline_hub[recipe.model.path].resolve()))
+        assert adapter["r"] == recipe.lora.r
+        assert adapter["base_model_name_or_path"] == recipe.model.path  # the hub id, not this machine's cache path
     else:
         config = json.loads((final / "config.json").read_text())
         stand_in = STAND_INS[recipe.model.path]

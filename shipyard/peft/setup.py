@@ -29,7 +29,8 @@ def setup_lora(model, recipe: Recipe, meta: ModelMeta, source, dist_info: DistIn
         barrier()
         base_name = str(base_dir)
     else:
-        base_name = str(source.local_dir) if source.local_dir else source.name
+        # A hub id stays the hub id (what a user of the adapter downloads); a folder is named by its path.
+        base_name = source.name if source.kind == "hub" else str(source.local_dir)
     meta.base_name = base_name
     model_names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     linears = list(linear_modules(model))

@@ -244,7 +244,7 @@ def train_dflash(recipe: Recipe) -> dict:
     used = data.train.token_ids()
     mask_id = dflash.mask_token_id(tokenizer, target.get_input_embeddings().num_embeddings, draft.mask_token, used)
     config = dflash.drafter_config(target.config, draft.num_layers, draft.block_size, layer_ids, mask_id)
-    config.shipyard_target = str(source.local_dir or source.name)
+    config.shipyard_target = source.name if source.kind == "hub" else str(source.local_dir or source.name)
     drafter = dflash.DFlashDrafter(config)
     drafter.init_weights(recipe.seed)
     model_fingerprint = fingerprint(drafter)
