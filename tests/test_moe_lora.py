@@ -20,7 +20,7 @@ from shipyard.config import LoraConfig, load_recipe
 from shipyard.errors import ShipyardError
 from shipyard.export.export import export_checkpoint
 from shipyard.peft.adapter_dir import read_adapter
-from shipyard.peft.lora import apply_lora, renamed_by_peft
+from shipyard.peft.lora import apply_lora, peft_rewrites, renamed_by_peft
 from shipyard.train.loop import train
 from tests.fixtures import random_model, save_model_dir
 from tests.test_lora import IDS, lora_overrides
@@ -56,6 +56,7 @@ def test_expert_and_dense_mlp_adapters_load_in_peft_with_equal_logits(moe_run):
     assert saved[f"{experts}.lora_A.weight"].shape == (4 * 8, 64)              # down_proj
     assert saved[f"{experts}.lora_B.weight"].shape == (128, 4 * 8)
 
+    assert peft_rewrites(AutoModelForCausalLM.from_pretrained(base), config) is None  # PEFT loads it as written
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), final).eval()
     loaded = get_peft_model_state_dict(peft)
     assert set(loaded) == set(saved)  # nothing dropped or renamed at load, the dense MLP's pairs included
@@ -90,6 +91,9 @@ def test_peft_renames_dense_mlp_projections_of_moe_families():
     names = ["q_proj", "gate_proj", "up_proj", "down_proj"]
     assert renamed_by_peft(random_model("qwen3-moe-tiny", **MIXED), names) == {"gate_proj", "up_proj", "down_proj"}
     assert renamed_by_peft(random_model("qwen3-tiny"), names) == set()
+    old_layout = {"r": 8, "lora_alpha": 16, "target_modules": names}
+    assert "target_modules ['down_proj', 'gate_proj', 'q_proj', 'up_proj'] -> ['q_proj']" in peft_rewrites(
+        random_model("qwen3-moe-tiny", **MIXED), old_layout)
 
 
 def test_expert_targets_respect_exclusions_and_bad_settings_are_named():
@@ -102,3 +106,48 @@ def test_expert_targets_respect_exclusions_and_bad_settings_are_named():
         apply_lora(random_model("qwen3-tiny"), LoraConfig(target_experts=True), seed=0)
     with pytest.raises(ShipyardError, match=r"lora.target_experts needs lora.dropout=0"):
         load_recipe("quickstart", ["lora={target_experts: true, dropout: 0.1}"])
+
+
+def test_transposed_experts_match_peft():
+    """gpt-oss stores its experts (experts, in, out) (`is_transposed`): the pair still loads in PEFT with equal
+    logits and merges into the weight it adapts."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, set_peft_model_state_dict
+    from transformers import GptOssConfig
+
+    from shipyard.peft.lora import merged_weight, split_adapter_state, to_peft_state
+
+    config = GptOssConfig(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=32, num_local_experts=4, num_experts_per_tok=2,
+                          vocab_size=512, layer_types=["full_attention"] * 2)
+    torch.manual_seed(0)
+    weights = {k: torch.randn_like(v) * 0.1 for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+
+    def model():
+        m = AutoModelForCausalLM.from_config(config).eval()
+        m.load_state_dict(weights)
+        return m
+
+    ours = model()
+    apply_lora(ours, LoraConfig(r=4, alpha=8, target_modules=["q_proj"], target_experts=True), seed=0)
+    experts = [n.replace(".lora_A", "") for n, _ in ours.named_parameters() if ".experts.lora_A." in n]
+    assert experts[:2] == ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"]
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            if ".lora_B" in name:
+                param.normal_(0, 0.1)
+    state = {n: p.detach().clone() for n, p in ours.named_parameters() if p.requires_grad}
+    peft = get_peft_model(model(), PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                   target_parameters=["experts.down_proj", "experts.gate_up_proj"]))
+    result = set_peft_model_state_dict(peft, to_peft_state(state, experts))
+    assert not result.unexpected_keys and not [k for k in result.missing_keys if ".lora_" in k]
+    merged = dict(weights)
+    for name, (a, b) in split_adapter_state(state)[0].items():
+        merged[name] = merged_weight(weights[name], a, b, 2.0, transposed=name in experts)
+    merged_model = model()
+    merged_model.load_state_dict(merged)
+    with torch.no_grad():
+        expected = ours(IDS).logits
+        assert (peft.eval()(IDS).logits - expected).abs().max() <= 1e-5
+        assert (merged_model(IDS).logits - expected).abs().max() <= 1e-5
+        assert (model()(IDS).logits - expected).abs().max() > 1e-3

@@ -261,8 +261,9 @@ def peft_rewrites(model: nn.Module, peft_config: dict) -> str | None:
     after = {k: getattr(probe, k) for k in keys}
     norm = lambda v: v if isinstance(v, str) else sorted(v) if v else None  # noqa: E731
     changed = {k: (norm(before[k]), norm(after[k])) for k in keys if norm(before[k]) != norm(after[k])}
-    if probe.rank_pattern or probe.alpha_pattern:
-        changed["rank_pattern/alpha_pattern"] = (None, {**probe.rank_pattern, **probe.alpha_pattern})
+    for key in ("rank_pattern", "alpha_pattern"):
+        if getattr(probe, key):
+            changed[key] = (None, getattr(probe, key))
     return "; ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) or None
 
 
