@@ -17,7 +17,7 @@ need it (activation checkpointing keeps that to one layer at a time), as with PE
 "in" and "out" are the matmul's: (experts, out, in) is the usual layout; experts modules flagged `is_transposed`
 store (experts, in, out), and their delta is transposed to match.
 
-PEFT's file layout (ParamWrapper, PEFT >= 0.17; vLLM reads the same): per experts module, the adapted weights nest
+PEFT's file layout (its ParamWrapper; vLLM reads the same): per experts module, the adapted weights nest
 in the order the module registers them, the first innermost, so with both adapted `experts.base_layer.lora_A`
 belongs to gate_up_proj and `experts.lora_A` to down_proj. lora_A is (experts x r, in), expert-major; lora_B is
 (out, r x experts), expert index fastest.
