@@ -289,6 +289,21 @@ class LoraConfig(Section):
         "e.g. [embed_tokens]."
     )
     use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) (rank-stabilised LoRA).")
+    target_experts: bool = Field(
+        False, description="Also adapt the MoE experts held as fused 3-D weights (transformers 5's "
+        "mlp.experts.gate_up_proj / down_proj; nearly all of a Qwen3-30B-A3B): a rank-r pair per expert, saved as "
+        "PEFT target_parameters. Needs dropout 0; vLLM's CPU build serves it merged (export --merge-lora)."
+    )
+
+    @model_validator(mode="after")
+    def _no_dropout_on_experts(self) -> LoraConfig:
+        if self.target_experts and self.dropout:
+            raise ValueError(
+                "lora.target_experts needs lora.dropout=0: an expert adapter is folded into the expert weights on "
+                "every forward, where input dropout cannot apply (PEFT's target_parameters has the same rule); "
+                "set lora.dropout=0, or lora.target_experts=false"
+            )
+        return self
 
 
 class DraftConfig(Section):

@@ -18,9 +18,13 @@ from shipyard.models.load import SHIPPED_TOKENIZER
 from shipyard.models.presets import preset_config
 
 
-def random_model(preset: str = "qwen3-tiny", seed: int = 0):
+def random_model(preset: str = "qwen3-tiny", seed: int = 0, **config_changes):
+    """A preset (with `config_changes` applied, e.g. mlp_only_layers=[0]) with random weights."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(preset_config(preset))
+    config = preset_config(preset)
+    for key, value in config_changes.items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim == 2:
@@ -28,9 +32,10 @@ def random_model(preset: str = "qwen3-tiny", seed: int = 0):
     return model.eval()
 
 
-def save_model_dir(out: Path, preset: str = "qwen3-tiny", seed: int = 0, dtype=None, max_shard_size: str | None = None) -> Path:
+def save_model_dir(out: Path, preset: str = "qwen3-tiny", seed: int = 0, dtype=None, max_shard_size: str | None = None,
+                   **config_changes) -> Path:
     """`save_pretrained` of a random preset plus the shipped tokenizer, as transformers 5 writes them."""
-    model = random_model(preset, seed)
+    model = random_model(preset, seed, **config_changes)
     if dtype is not None:
         model = model.to(dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}

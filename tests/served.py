@@ -138,12 +138,13 @@ def pp_qwen3(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def family_runs(tmp_path_factory):
     """test_families' matrix: every family trained in full from its tiny preset, then LoRA on that fine-tuned
-    model, and the Qwen3-MoE adapter merged; ({(family, mode): TrainResult}, {(family, mode): final dir}, s)."""
+    model (Qwen3-MoE's with its experts adapted), and the Qwen3-MoE adapter merged; ({(family, mode):
+    TrainResult}, {(family, mode): final dir}, s)."""
     from shipyard.config import load_recipe
     from shipyard.export.export import export_checkpoint
     from shipyard.train.loop import train
     from tests.conftest import tiny_overrides
-    from tests.test_families import FAMILIES, RECORDS, STEPS
+    from tests.test_families import FAMILIES, MOE_LORA, RECORDS, STEPS
 
     root = tmp_path_factory.mktemp("families")
     runs, dirs = {}, {}
@@ -155,9 +156,10 @@ def family_runs(tmp_path_factory):
             "quickstart", tiny_overrides(full, steps=STEPS, records=RECORDS) + [f"model.path={preset}", *common]))
         runs[family, "lora"] = train(load_recipe(
             "quickstart", tiny_overrides(lora, steps=STEPS, records=RECORDS)
-            + [f"model.path={full / 'final'}", "lora.r=8", *common]))
+            + [f"model.path={full / 'final'}", "lora.r=8", *common, *MOE_LORA.get(family, [])]))
         dirs[family, "full"], dirs[family, "lora"] = full / "final", lora / "final"
-    # How an MoE LoRA run serves on vLLM's CPU build (no MoE-LoRA kernels there): merged into the base weights.
+    # How an MoE LoRA run serves on vLLM's CPU build (no MoE-LoRA kernels there): merged into the base weights,
+    # expert adapters included.
     dirs["qwen3-moe", "lora-merged"] = export_checkpoint(
         dirs["qwen3-moe", "lora"], root / "qwen3-moe" / "lora-merged", merge_lora=True).out_dir
     return runs, dirs, time.perf_counter() - started

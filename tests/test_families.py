@@ -39,6 +39,9 @@ FAMILIES = {
     "gemma3": "gemma3-tiny",
 }
 MODES = ("full", "lora")
+# Qwen3-MoE's LoRA adapts its fused experts too (PEFT target_parameters), so the adapter, its PEFT load and the
+# merged export that serves cover them.
+MOE_LORA = {"qwen3-moe": ["lora.target_experts=true"]}
 STEPS, RECORDS = 30, 512
 
 # Gemma 2 soft-caps its attention logits and sdpa, transformers' default backend, silently ignores the cap.
@@ -166,14 +169,21 @@ def test_qwen3_moe_lora_gets_its_own_status_on_vllm_cpu(matrix):
     assert "build cannot serve this adapter" in format_report(report) and "--merge-lora" in format_report(report)
 
 
-def test_qwen3_moe_lora_adapts_attention_only(matrix):
-    """`all-linear` on Qwen3-MoE: the experts (fused 3-D parameters in transformers 5) and the router (not an
-    nn.Linear) get no adapter; only q/k/v/o do. Stated here so that a change to it is a decision, not an accident."""
+def test_qwen3_moe_lora_adapts_experts(matrix):
+    """`all-linear` with lora.target_experts on Qwen3-MoE: q/k/v/o as Linears, the fused experts (3-D parameters in
+    transformers 5) through PEFT's target_parameters; the router (not an nn.Linear) stays frozen. Stated here so
+    that a change to it is a decision, not an accident."""
     final = matrix.dirs["qwen3-moe", "lora"]
-    targets = json.loads((final / "adapter_config.json").read_text())["target_modules"]
-    assert targets == ["k_proj", "o_proj", "q_proj", "v_proj"]
-    adapted = json.loads((final / "shipyard_lora.json").read_text())["adapted_modules"]
-    assert adapted and all(".self_attn." in name for name in adapted)
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert config["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
+    meta = json.loads((final / "shipyard_lora.json").read_text())
+    assert meta["adapted_modules"] and all(".self_attn." in name for name in meta["adapted_modules"])
+    assert meta["adapted_parameters"] == [f"model.layers.{i}.mlp.experts.{w}" for i in range(2)
+                                          for w in ("gate_up_proj", "down_proj")]
+    assert meta["not_adapted"] == []
+    # The unmerged adapter is still checked in transformers: PEFT reproduces the training-time greedy answers.
+    assert matrix.reports["qwen3-moe", "lora"]["training_reference"]["ok"]
 
 
 def test_qwen3_moe_lora_merged_export_serves(matrix):

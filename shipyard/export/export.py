@@ -28,6 +28,7 @@ from shipyard.peft.adapter_dir import (
     MergedWeights,
     is_adapter_dir,
     read_adapter,
+    read_lora_meta,
     resolve_base_dir,
     write_adapter_dir,
 )
@@ -198,7 +199,8 @@ def open_merged(src: Path, trust_remote_code: bool) -> tuple[ModelMeta, MergedWe
     meta.tokenizer = load_tokenizer_normalised(src, trust_remote_code) or meta.tokenizer
     meta.probe = read_probe(src) or meta.probe
     meta.base_name = config["base_model_name_or_path"]
-    return meta, MergedWeights(DirectoryWeights(base_dir), config, state)
+    transposed = read_lora_meta(src).get("transposed_parameters", [])
+    return meta, MergedWeights(DirectoryWeights(base_dir), config, state, transposed)
 
 
 def export_adapter(src: Path, out_dir: Path, force: bool) -> ExportResult:
