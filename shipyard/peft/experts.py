@@ -86,7 +86,8 @@ def add_expert_adapters(model: nn.Module, names: list[str], r: int, scale: float
             experts.lora_scaling = scale
             experts.register_forward_pre_hook(_shadow_adapted)
             experts.register_forward_hook(_drop_shadow)
-        kw = dict(device=weight.device, dtype=weight.dtype)
+        # A base built empty (meta): the adapters start on the CPU with their values, kept when the base is filled.
+        kw = dict(device="cpu" if weight.is_meta else weight.device, dtype=weight.dtype)
         bound = 1 / math.sqrt(fan_in)
         with torch.no_grad():
             a = torch.empty(n_experts, r, fan_in, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
