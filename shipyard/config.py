@@ -225,6 +225,12 @@ class TrainConfig(Section):
     eval_every: int | None = Field(None, gt=0, description="Steps between validation-loss evaluations.")
     resume: str = Field("auto", description="auto: continue from checkpoints/LATEST if present; never; or a step directory.")
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_is_false(cls, value):
+        # YAML reads a bare `no` (train.mixed_precision=no) as false: that is what the user wrote.
+        return "no" if value is False else value
+
 
 class OptimConfig(Section):
     lr: float = Field(3e-4, gt=0)
