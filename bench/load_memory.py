@@ -81,7 +81,7 @@ def worker(base: Path, overrides: list[str], whole: bool, out: Path) -> None:
     from shipyard.parallel.dist import init_distributed, own_peak_memory_gib
     from shipyard.parallel.fsdp import use_fsdp
     from shipyard.parallel.topology import build_topology
-    from shipyard.train.loop import build_runner
+    from shipyard.train.sft import build_runner
 
     recipe = load_recipe("quickstart", [f"model.path={base}", f"output_dir={out.parent}", *overrides])
     info = init_distributed("cpu")

@@ -16,7 +16,7 @@ from shipyard.models.load import load
 from shipyard.parallel import pipeline
 from shipyard.parallel.dist import destroy, init_distributed
 from shipyard.parallel.topology import build_topology
-from shipyard.train.step import supervised_tokens
+from shipyard.data.loader import supervised_tokens
 
 SEQ = 48
 

@@ -421,10 +421,10 @@ def _dflash_overrides(out: Path, target: Path, steps: int, *extra: str, records:
 
 
 def _train_dflash(out: Path, target: Path, steps: int, *extra: str, records: int = 128) -> dict:
-    from shipyard.train.dflash import train_dflash
+    from shipyard.train.loop import train
 
-    return train_dflash(load_recipe("quickstart_dflash", _dflash_overrides(out, target, steps, *extra,
-                                                                           records=records)))
+    return train(load_recipe("quickstart_dflash", _dflash_overrides(out, target, steps, *extra,
+                                                                     records=records))).summary
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -651,7 +651,7 @@ def test_vlm_target_two_ranks_with_text_and_image_micro_batches_equal_one_proces
     an image: the text-only rank runs the target's vision tower on the blank image (models/vision.py), so both
     ranks gather the same vision blocks' weights; without it they issue different collectives."""
     from shipyard.data.loader import StepBatches
-    from shipyard.train.dflash import train_dflash
+    from shipyard.train.loop import train
 
     steps = 4
 
@@ -663,7 +663,7 @@ def test_vlm_target_two_ranks_with_text_and_image_micro_batches_equal_one_proces
     next_step = StepBatches.next_step
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(StepBatches, "next_step", lambda self: recorded.append(next_step(self)) or recorded[-1])
-        one = train_dflash(load_recipe("quickstart_dflash", args(tmp_path / "one", 2)))
+        one = train(load_recipe("quickstart_dflash", args(tmp_path / "one", 2))).summary
     # Two ranks split each step's two rows: rank 0 takes row 0, rank 1 row 1 (data/loader.py).
     rows = _step_rows_with_images(recorded)
     assert any(a != b for a, b in rows), rows  # some step gives one rank an image and the other none

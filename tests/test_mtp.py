@@ -20,7 +20,7 @@ from shipyard.errors import ShipyardError
 from shipyard.models import mtp
 from shipyard.models.presets import preset_config
 from shipyard.train.loss import mtp_losses
-from shipyard.train.step import supervised_tokens
+from shipyard.data.loader import supervised_tokens
 from tests.conftest import run_cli, tiny_overrides
 
 IGNORE = -100
@@ -415,14 +415,14 @@ def test_a_base_with_a_head_is_loaded_never_reinitialised(request, run, steps, l
     """final/ as model.path with model.mtp={}: its head is loaded as trained (MiMo layout: input_proj's halves
     swapped back; side file); asking for another number of layers is refused."""
     from shipyard.models.load import load
-    from shipyard.train.loop import attach_mtp
+    from shipyard.train.sft import attach_mtp
 
     out = request.getfixturevalue(run)[0]
     final = out / "final"
     checkpoint = _tensors(_step_dir(out, steps))
     recipe = load_recipe("quickstart", tiny_overrides(out / "unused", 1) + [f"model.path={final}", "model.mtp={}"])
     model, _, source = load(recipe.model, recipe.seed)
-    note = attach_mtp(model, recipe, source, False, [])
+    note = attach_mtp(model, recipe, source, [])
     assert f"{layers} layer(s) loaded from the base" in note
     state = model.mtp.state_dict()
     assert sorted(f"mtp.{n}" for n in state) == sorted(n for n in checkpoint if n.startswith("mtp."))
@@ -441,7 +441,7 @@ def test_a_base_with_a_head_is_loaded_never_reinitialised(request, run, steps, l
                           + [f"model.path={final}", f"model.mtp={{num_layers: {wrong}}}"])
     model2, _, source2 = load(recipe2.model, recipe2.seed)
     with pytest.raises(ShipyardError) as err:
-        attach_mtp(model2, recipe2, source2, False, [])
+        attach_mtp(model2, recipe2, source2, [])
     assert f"num_layers is {wrong}" in str(err.value) and f"already has {layers} MTP layer" in str(err.value)
     assert mtp.head_of(model2) is None
 
@@ -550,13 +550,13 @@ def test_a_hub_id_base_with_a_head_is_loaded_like_its_folder(frozen_run, tmp_pat
     code = f"""
 from shipyard.config import load_recipe
 from shipyard.models.load import load
-from shipyard.train.loop import attach_mtp
+from shipyard.train.sft import attach_mtp
 from tests.conftest import tiny_overrides
 from pathlib import Path
 for path in ("acme/mimo-tiny", {str(final)!r}):
     recipe = load_recipe("quickstart", tiny_overrides(Path({str(tmp_path)!r}) / "x", 1) + [f"model.path={{path}}", "model.mtp={{}}"])
     model, _, source = load(recipe.model, recipe.seed)
-    print(attach_mtp(model, recipe, source, False, []))
+    print(attach_mtp(model, recipe, source, []))
     print(sorted((k, float(v.double().sum())) for k, v in model.mtp.state_dict().items()))
 """
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}

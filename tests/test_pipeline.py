@@ -23,7 +23,8 @@ from shipyard.models.load import load
 from shipyard.data.dataset import build_datasets
 from shipyard.parallel import pipeline
 from shipyard.train.loop import train
-from shipyard.train.step import LocalRunner, supervised_tokens
+from shipyard.data.loader import supervised_tokens
+from shipyard.train.step import LocalRunner
 from tests.conftest import REPO, assert_close_trajectory, losses, run_cli
 from tests.fixtures import preset_folder, random_model
 

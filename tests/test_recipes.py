@@ -398,9 +398,9 @@ def test_recipe_trains_two_steps_on_stand_ins_from_the_offline_cache(name, offli
         assert offline_hub[model].name == SNAPSHOT
 
     if recipe.task == "dflash":
-        from shipyard.train.dflash import train_dflash
+        from shipyard.train.loop import train
 
-        summary, trained = train_dflash(tiny), None
+        summary, trained = train(tiny).summary, None
     else:
         from shipyard.train.loop import train
 

@@ -12,7 +12,8 @@ from shipyard.data.dataset import build_datasets
 from shipyard.data.loader import collate
 from shipyard.models.load import load
 from shipyard.parallel.topology import Topology
-from shipyard.train.loop import autocast_for, train
+from shipyard.train.loop import train
+from shipyard.train.precision import autocast_for
 from shipyard.train.step import LocalRunner, train_step
 from shipyard.train.loss import causal_lm_loss, chunked_cross_entropy, isolates_packed_documents
 from shipyard.train.optim import build_optimizer, build_scheduler, lr_factor

@@ -35,14 +35,6 @@ def run(args: argparse.Namespace) -> int:
         return launch("train", args.nproc_per_node, args.recipe_and_overrides)
     from shipyard.parallel.dist import destroy
 
-    if recipe.task == "dflash":
-        from shipyard.train.dflash import train_dflash
-
-        summary = train_dflash(recipe)
-        destroy()
-        if int(os.environ.get("RANK", "0")) == 0:
-            print_dflash_report(summary)
-        return 0
     from shipyard.train.loop import train  # heavy imports only after the recipe validated
 
     # No `finally`: tearing the process group down before main() reports a failure would close the peers'
@@ -50,11 +42,11 @@ def run(args: argparse.Namespace) -> int:
     summary = train(recipe).summary
     destroy()
     if int(os.environ.get("RANK", "0")) == 0:
-        print_train_report(recipe, summary)
+        REPORTS.get(summary["task"], print_train_report)(recipe, summary)
     return 0
 
 
-def print_dflash_report(summary: dict) -> None:
+def print_dflash_report(recipe, summary: dict) -> None:
     ev = summary["eval"]
     print()
     print(f"done: drafter trained {summary['steps']} steps in {summary['train_seconds']:.1f}s "
@@ -113,3 +105,6 @@ def print_train_report(recipe, summary: dict) -> None:
         print(f"  python -c \"from transformers import pipeline; print(pipeline('text-generation', '{final}')("
               f"[{{'role': 'user', 'content': {prompt!r}}}])[0]['generated_text'][-1])\"")
     print(f"  tensorboard --logdir {out / 'tensorboard'}")
+
+
+REPORTS = {"dflash": print_dflash_report}  # summary["task"] -> its report; every other task gets the SFT one

@@ -21,6 +21,7 @@ import torch
 
 from shipyard.data.chat import IGNORE_INDEX
 from shipyard.data.messages import RecordError
+from shipyard.errors import ShipyardError
 from shipyard.models.speechlm.configuration import AUDIO_TOKEN
 
 AUDIO_PART_TYPES = ("audio", "audio_url")
@@ -109,6 +110,21 @@ class AudioEncoder:
 
     def load(self, ref: str) -> np.ndarray:
         return load_audio(ref, self.rate, self.max_seconds)
+
+    def configure(self, config, parallel) -> None:
+        """The speech-LM's CTC side loss (targets are built with the batches); no pipeline stages for its encoder."""
+        self.ctc_weight = getattr(config, "ctc_loss_weight", 0.0)
+        self.ctc = self.ctc_weight > 0
+        if parallel.pp > 1:
+            raise ShipyardError("parallel.pp > 1 is not supported for speech-LMs yet (the audio encoder would need a "
+                                "stage of its own); use FSDP2 (parallel.pp=1)")
+
+    def blank_inputs(self) -> None:
+        return None  # the audio encoder runs only on clips; FSDP2 wraps it in the root unit (parallel/fsdp.py)
+
+    def describe(self, count: int) -> str:
+        return (f"audio: {count} clips in training samples at {self.rate} Hz (resampled with soxr), up to "
+                f"{self.max_seconds:g} s each; CTC side loss weight {getattr(self, 'ctc_weight', 0.0)}")
 
     def encode(self, text: str, clips: list[str]) -> list[int]:
         placeholders = text.count(self.placeholder)

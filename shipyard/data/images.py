@@ -117,6 +117,25 @@ class ImageEncoder:
     def load(self, ref: str) -> Image.Image:
         return open_image(ref, self.max_image_pixels)
 
+    def configure(self, config, parallel) -> None:
+        """Settings a modality takes from the model and the run (images: none)."""
+
+    def blank_inputs(self) -> dict:
+        """Pixel inputs of one blank image: micro-batches without images run the vision tower on it, so FSDP2 ranks
+        gather the same units whatever their data (models/vision.py)."""
+        from shipyard.models.vision import blank_image_inputs
+
+        return blank_image_inputs(self.processor)
+
+    def describe(self, count: int) -> str:
+        """The start-up line about this modality's data."""
+        from shipyard.models.vision import pixel_limits
+
+        limits = pixel_limits(self.processor)
+        return (f"images: {type(self.processor).__name__}, {count} in training samples"
+                + (f"; {limits[0]:,}..{limits[1]:,} pixels per image (data.min_pixels/max_pixels, exported)"
+                   if limits else ""))
+
     def encode(self, text: str, images: list[str]) -> list[int]:
         placeholders = text.count(self.image_token)
         if placeholders != len(images):

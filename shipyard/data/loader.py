@@ -171,3 +171,8 @@ def eval_batches(samples: list[Sample], batch_size: int, pad_id: int, dp_rank: i
         if not chunk:
             chunk = [Sample(samples[0].input_ids, [IGNORE_INDEX] * len(samples[0].input_ids), images=samples[0].images)]
         yield collate(chunk, pad_id, encoder, image_chunk_rows)
+
+
+def supervised_tokens(batches, ahead: int = 0) -> int:
+    """Supervised next-token targets; `ahead` k: targets of MTP depth k (token t + k + 1 from position t)."""
+    return sum(int((b["labels"][:, 1 + ahead:] != IGNORE_INDEX).sum()) for b in batches)

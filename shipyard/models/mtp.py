@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from shipyard.errors import ShipyardError
+from shipyard.models.vision import is_vision_language
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +242,8 @@ def attach(model: nn.Module, num_layers: int | None, base_dir: Path | None, seed
 
     if head_of(model) is not None:
         raise ShipyardError("the model already has an MTP head attached")  # never wrapped twice
+    if is_vision_language(model.config):
+        raise ShipyardError("model.mtp is for causal LMs; vision-language models are not supported yet")
     found = existing_mtp_layers(base_dir, model.config) if base_dir is not None else 0
     if found and num_layers is not None and num_layers != found:
         raise ShipyardError(

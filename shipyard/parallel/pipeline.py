@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor
 
 from shipyard.config import ParallelConfig
 from shipyard.data.chat import IGNORE_INDEX
+from shipyard.data.loader import supervised_tokens
 from shipyard.errors import ShipyardError
 from shipyard.export.hf import clean_name, tied_aliases
 from shipyard.parallel.fsdp import decoder_layers
@@ -331,6 +332,15 @@ class PipelineRunner:
             self._tied.grad = torch.zeros_like(self._tied)
         grad = self._tied.grad
         dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=self.topo.embed_group)
+
+    def targets(self, micro_batches) -> int:  # the runner interface of train/step.py
+        return supervised_tokens(micro_batches)
+
+    def begin_step(self, micro_batches, topo: Topology, device) -> None:
+        pass
+
+    def step_metrics(self, metrics: dict, device) -> dict:
+        return metrics
 
     def train_micro_batches(self, micro_batches, scale: float, device) -> torch.Tensor:
         """Forward and backward of this step's micro-batches; returns this rank's loss sum (0 off the last stage)."""

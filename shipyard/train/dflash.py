@@ -1,4 +1,4 @@
-"""`shipyard train` with `task: dflash`: a DFlash drafter for a frozen target, top to bottom.
+"""The DFlash task (`task: dflash`): a DFlash drafter for a frozen target.
 
 target (frozen, loaded once, FSDP2-sharded on several ranks) + its tokenizer -> the chat data, tokenized as
 for SFT -> the drafter (models/dflash.py) -> per step: the target's hidden states at the chosen layers (no
@@ -8,34 +8,29 @@ directory is in vLLM's DFlash format) -> validation: loss and the offline accept
 
 from __future__ import annotations
 
-import json
 import contextlib
-import math
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from shipyard.checkpoint.store import fingerprint, save_checkpoint
+from shipyard.checkpoint.store import fingerprint
 from shipyard.config import ModelConfig, Recipe
 from shipyard.data.chat import eos_token_ids
 from shipyard.data.dataset import build_datasets, count_targets, describe_sources
 from shipyard.data.images import media_encoder
-from shipyard.data.loader import StepBatches, eval_batches
+from shipyard.data.loader import eval_batches
 from shipyard.errors import ShipyardError
-from shipyard.export.export import export_checkpoint
 from shipyard.export.hf import ModelMeta
-from shipyard.fsutil import write_text_atomic
 from shipyard.models import dflash
 from shipyard.models.load import load, load_processor
-from shipyard.models.vision import blank_image_inputs, is_vision_language, vision_on_blank_image
-from shipyard.parallel.dist import all_reduce_sum, broadcast_object, init_distributed
+from shipyard.models.vision import vision_on_blank_image
+from shipyard.parallel.dist import DistInfo, all_reduce_sum
 from shipyard.parallel.fsdp import apply_parallelism, decoder_layers, use_fsdp
-from shipyard.parallel.topology import build_topology
+from shipyard.parallel.topology import Topology, build_topology
 from shipyard.train.loss import _greedy, answer_spans, chunked_cross_entropy, replay_drafts
-from shipyard.train.metrics import MetricsLogger, plot_loss, run_totals
-from shipyard.train.optim import build_optimizer, build_scheduler
+from shipyard.train.precision import autocast_for, bf16_enabled
+from shipyard.train.task import Setup, Task
 from shipyard.verify.probe import make_probe
 
 
@@ -100,6 +95,12 @@ class DFlashRunner:
 
     def _seed(self, batch) -> int:  # the same anchors on resume: derived from the batch itself
         return self.seed * 7919 + int(batch["input_ids"].sum())
+
+    def begin_step(self, micro_batches, topo: Topology, device) -> None:  # the runner interface of train/step.py
+        pass
+
+    def step_metrics(self, metrics: dict, device) -> dict:
+        return metrics
 
     def targets(self, micro_batches) -> float:
         """The step's normaliser: the summed slot weights of every trained block position."""
@@ -194,157 +195,115 @@ class DFlashRunner:
                 "ceiling_accepted": ceiling_accepted, "ceiling_drafts": ceiling_drafts}
 
 
-def ensure_target(path: str, say) -> None:
-    """`runs/<recipe>/final` of a shipped recipe that has not run yet: train it first (quickstart_dflash)."""
-    from shipyard.config import load_recipe, shipped_recipes
-
-    p = Path(path)
-    if p.exists() or p.name != "final" or p.parent.parent.name != "runs" or p.parent.name not in shipped_recipes():
-        return
-    say(f"draft.target {path} does not exist yet: training the `{p.parent.name}` recipe first")
-    from shipyard.train.loop import train
-
-    train(load_recipe(p.parent.name, [f"output_dir={p.parent}"]))
-
-
 def tau(accepted: list[int], drafts: int) -> float:
     return 1 + sum(accepted) / max(drafts, 1)
 
 
-def train_dflash(recipe: Recipe) -> dict:
-    draft = recipe.draft
-    dist_info = init_distributed(recipe.train.device, need_group=recipe.parallel.fsdp is True)
-    main = dist_info.is_main
-    say = print if main else (lambda *a, **k: None)
-    started = time.perf_counter()
-    out = recipe.out_dir
-    ckpt_root = out / "checkpoints"
-    if recipe.parallel.pp > 1 or recipe.lora is not None:
-        raise ShipyardError("task: dflash trains the whole drafter on one pipeline stage: parallel.pp must be 1 and "
-                            "lora unset")
-    if main:
-        ensure_target(draft.target, say)
-    broadcast_object(None)  # the others wait for the target to exist
+class DFlashTask(Task):
+    """A DFlash drafter for a frozen target (`draft.target`): the drafter trains, the target only runs."""
 
-    torch.manual_seed(recipe.seed)
-    target_cfg = ModelConfig(path=draft.target, trust_remote_code=recipe.model.trust_remote_code)
-    target, tokenizer, source = load(target_cfg, recipe.seed, recipe.data.chat_template_kwargs)
-    if not tokenizer.chat_template:
-        raise ShipyardError(f"draft.target {draft.target}: its tokenizer has no chat template; the drafter learns "
-                            "the target's answers to chat prompts, rendered as the target serves them")
-    target.requires_grad_(False)
-    target.eval()
-    text = target.config.get_text_config()
-    layer_ids = draft.target_layer_ids or dflash.default_target_layer_ids(text.num_hidden_layers)
-    dflash.check_layer_ids(layer_ids, text.num_hidden_layers)
-    processor = load_processor(target_cfg, source, tokenizer)
-    encoder = media_encoder(processor, recipe.data)
-    eos_ids = eos_token_ids(tokenizer, getattr(target.generation_config, "eos_token_id", None))
-    data = build_datasets(recipe.data, tokenizer, recipe.seed, stop_ids=eos_ids, encoder=encoder)
-    used = data.train.token_ids()
-    mask_id = dflash.mask_token_id(tokenizer, target.get_input_embeddings().num_embeddings, draft.mask_token, used)
-    config = dflash.drafter_config(target.config, draft.num_layers, draft.block_size, layer_ids, mask_id)
-    config.shipyard_target = source.name if source.kind == "hub" else str(source.local_dir or source.name)
-    drafter = dflash.DFlashDrafter(config)
-    drafter.init_weights(recipe.seed)
-    model_fingerprint = fingerprint(drafter)
+    name = "dflash"
 
-    topo = build_topology(recipe.parallel, dist_info, use_fsdp(recipe.parallel, dist_info))
-    from shipyard.train.loop import autocast_for, bf16_enabled, plan_batches, start_or_resume, timed_step
+    def prerequisites(self, recipe: Recipe) -> list[Recipe]:
+        """`runs/<recipe>/final` of a shipped recipe that has not run yet: train it first (quickstart_dflash)."""
+        from shipyard.config import load_recipe, shipped_recipes
 
-    bf16 = bf16_enabled(recipe, dist_info.device)  # the frozen target and the drafter run in bf16 autocast; fp32 weights
-    target = apply_parallelism(target, recipe.parallel, topo, dist_info.device, bf16)
-    drafter = apply_parallelism(drafter, recipe.parallel, topo, dist_info.device, bf16)
-    blank = blank_image_inputs(processor) if is_vision_language(target.config) else None
-    runner = DFlashRunner(drafter, target, config, draft.slot_decay, draft.anchors_per_sequence, recipe.seed,
-                          recipe.train.loss_chunk_size, autocast_for(recipe, dist_info.device), blank)
+        p = Path(recipe.draft.target)
+        if p.exists() or p.name != "final" or p.parent.parent.name != "runs" or p.parent.name not in shipped_recipes():
+            return []
+        print(f"draft.target {p} does not exist yet: training the `{p.parent.name}` recipe first")
+        return [load_recipe(p.parent.name, [f"output_dir={p.parent}"])]
 
-    plan = plan_batches(recipe, topo)
-    total_steps = recipe.train.max_steps or max(1, math.ceil(recipe.train.epochs * len(data.train) / plan.global_batch))
-    optimizer = build_optimizer(list(drafter.named_parameters()), recipe.optim, dist_info.device)
-    scheduler = build_scheduler(optimizer, total_steps, recipe.optim)
-    batches = StepBatches(data.train, plan, recipe.seed, tokenizer.pad_token_id, None, encoder)
-    probe = make_probe(tokenizer, data.validation_records, data.train_records, recipe.data.multi_turn, eos_ids, encoder,
-                       held_out=True)
-    meta = ModelMeta(config=config, architecture=dflash.ARCHITECTURE, tokenizer=tokenizer, base_name=draft.target,
-                     base_eos=getattr(target.generation_config, "eos_token_id", None), probe=probe)
+    def setup(self, recipe: Recipe, dist_info: DistInfo, say) -> Setup:
+        draft = recipe.draft
+        if recipe.parallel.pp > 1 or recipe.lora is not None:
+            raise ShipyardError("task: dflash trains the whole drafter on one pipeline stage: parallel.pp must be 1 "
+                                "and lora unset")
+        torch.manual_seed(recipe.seed)
+        target_cfg = ModelConfig(path=draft.target, trust_remote_code=recipe.model.trust_remote_code)
+        target, tokenizer, source = load(target_cfg, recipe.seed, recipe.data.chat_template_kwargs)
+        if not tokenizer.chat_template:
+            raise ShipyardError(f"draft.target {draft.target}: its tokenizer has no chat template; the drafter learns "
+                                "the target's answers to chat prompts, rendered as the target serves them")
+        target.requires_grad_(False)
+        target.eval()
+        text = target.config.get_text_config()
+        layer_ids = draft.target_layer_ids or dflash.default_target_layer_ids(text.num_hidden_layers)
+        dflash.check_layer_ids(layer_ids, text.num_hidden_layers)
+        processor = load_processor(target_cfg, source, tokenizer)
+        encoder = media_encoder(processor, recipe.data)
+        if encoder is not None:
+            encoder.configure(target.config, recipe.parallel)
+        eos_ids = eos_token_ids(tokenizer, getattr(target.generation_config, "eos_token_id", None))
+        data = build_datasets(recipe.data, tokenizer, recipe.seed, stop_ids=eos_ids, encoder=encoder)
+        used = data.train.token_ids()
+        mask_id = dflash.mask_token_id(tokenizer, target.get_input_embeddings().num_embeddings, draft.mask_token, used)
+        config = dflash.drafter_config(target.config, draft.num_layers, draft.block_size, layer_ids, mask_id)
+        config.shipyard_target = source.name if source.kind == "hub" else str(source.local_dir or source.name)
+        drafter = dflash.DFlashDrafter(config)
+        drafter.init_weights(recipe.seed)
+        model_fingerprint = fingerprint(drafter)
 
-    resume_dir, start_step = start_or_resume(recipe, drafter, optimizer, scheduler, batches, dist_info,
-                                             model_fingerprint, total_steps, say)
-    n_params = sum(p.numel() for p in drafter.parameters())
-    say(f"shipyard dflash: drafter of {draft.num_layers} layer(s) ({n_params / 1e6:.2f}M parameters) for "
-        f"{draft.target} ({sum(p.numel() for p in target.parameters()) / 1e6:.2f}M, frozen) on {dist_info.device} "
-        f"x{dist_info.world_size} ({'bf16 autocast, fp32 weights' if bf16 else 'fp32'}); block size "
-        f"{draft.block_size}, target layers {layer_ids}, mask token "
-        f"{tokenizer.convert_ids_to_tokens(mask_id)!r} ({mask_id}), gamma {draft.slot_decay:g}; "
-        f"{len(data.train)} train / {len(data.validation)} validation samples "
-        f"({count_targets(data.train):,} supervised tokens); {total_steps} steps")
-    say(describe_sources(data))
-    if data.skipped.report()["total"] or data.truncated:
-        say(f"data: skipped {data.skipped.report()}, truncated {data.truncated}")
+        topo = build_topology(recipe.parallel, dist_info, use_fsdp(recipe.parallel, dist_info))
+        self.bf16 = bf16_enabled(recipe, dist_info.device)  # both models' forwards in bf16 autocast; fp32 weights
+        target = apply_parallelism(target, recipe.parallel, topo, dist_info.device, self.bf16)
+        drafter = apply_parallelism(drafter, recipe.parallel, topo, dist_info.device, self.bf16)
+        blank = encoder.blank_inputs() if encoder is not None else None
+        self.runner = DFlashRunner(drafter, target, config, draft.slot_decay, draft.anchors_per_sequence, recipe.seed,
+                                   recipe.train.loss_chunk_size, autocast_for(recipe, dist_info.device), blank)
+        probe = make_probe(tokenizer, data.validation_records, data.train_records, recipe.data.multi_turn, eos_ids,
+                           encoder, held_out=True)
+        meta = ModelMeta(config=config, architecture=dflash.ARCHITECTURE, tokenizer=tokenizer, base_name=draft.target,
+                         base_eos=getattr(target.generation_config, "eos_token_id", None), probe=probe)
+        self.recipe, self.dist_info, self.data, self.topo, self.encoder = recipe, dist_info, data, topo, encoder
+        self.tokenizer, self.target, self.layer_ids, self.mask_id = tokenizer, target, layer_ids, mask_id
+        report = [describe_sources(data)]
+        if data.skipped.report()["total"] or data.truncated:
+            report.append(f"data: skipped {data.skipped.report()}, truncated {data.truncated}")
+        return Setup(model=drafter, runner=self.runner, tokenizer=tokenizer, data=data, meta=meta,
+                     fingerprint=model_fingerprint, topo=topo, encoder=encoder, consolidate=True, report=report)
 
-    def evaluate() -> dict:
-        rows = list(eval_batches(data.validation, recipe.eval.batch_size, tokenizer.pad_token_id, topo.dp_rank,
-                                 topo.dp_size, encoder))
-        raw = runner.evaluate(rows, dist_info.device)
-        drafts = all_reduce_sum(raw["drafts"], dist_info.device)
-        accepted = [all_reduce_sum(a, dist_info.device) for a in raw["accepted"]]
-        ceiling = [all_reduce_sum(a, dist_info.device) for a in raw["ceiling_accepted"]]
-        ceiling_drafts = all_reduce_sum(raw["ceiling_drafts"], dist_info.device)
-        return {"loss": all_reduce_sum(raw["loss"], dist_info.device) / max(all_reduce_sum(raw["weight"],
-                                                                                            dist_info.device), 1e-9),
+    def headline(self, setup: Setup, total_steps: int, global_batch: int) -> str:
+        draft, data = self.recipe.draft, self.data
+        n_params = sum(p.numel() for p in setup.model.parameters())
+        return (f"shipyard dflash: drafter of {draft.num_layers} layer(s) ({n_params / 1e6:.2f}M parameters) for "
+                f"{draft.target} ({sum(p.numel() for p in self.target.parameters()) / 1e6:.2f}M, frozen) on "
+                f"{self.dist_info.device} x{self.dist_info.world_size} "
+                f"({'bf16 autocast, fp32 weights' if self.bf16 else 'fp32'}); block size {draft.block_size}, target "
+                f"layers {self.layer_ids}, mask token {self.tokenizer.convert_ids_to_tokens(self.mask_id)!r} "
+                f"({self.mask_id}), gamma {draft.slot_decay:g}; {len(data.train)} train / {len(data.validation)} "
+                f"validation samples ({count_targets(data.train):,} supervised tokens); {total_steps} steps")
+
+    def evaluate(self) -> dict:
+        device, topo = self.dist_info.device, self.topo
+        rows = list(eval_batches(self.data.validation, self.recipe.eval.batch_size, self.tokenizer.pad_token_id,
+                                 topo.dp_rank, topo.dp_size, self.encoder))
+        raw = self.runner.evaluate(rows, device)
+        drafts = all_reduce_sum(raw["drafts"], device)
+        accepted = [all_reduce_sum(a, device) for a in raw["accepted"]]
+        ceiling = [all_reduce_sum(a, device) for a in raw["ceiling_accepted"]]
+        ceiling_drafts = all_reduce_sum(raw["ceiling_drafts"], device)
+        return {"loss": all_reduce_sum(raw["loss"], device) / max(all_reduce_sum(raw["weight"], device), 1e-9),
                 "mean_acceptance_length": tau(accepted, drafts),
                 "ceiling_mean_acceptance_length": tau(ceiling, ceiling_drafts),
                 "acceptance_per_position": [a / max(drafts, 1) for a in accepted], "drafts": drafts}
 
-    logger = MetricsLogger(out, total_steps, start_step, recipe.train.log_every, enabled=main)
-    last_saved = resume_dir if start_step == total_steps else None
-    params = [p for p in drafter.parameters() if p.requires_grad]
-    for step in range(start_step, total_steps):
-        metrics, tokens, elapsed = timed_step(runner, params, batches, optimizer, scheduler, recipe, topo, dist_info)
-        metrics.update({"train/tokens": tokens, "train/tokens_per_second": tokens / elapsed})
-        done = step + 1
-        if recipe.train.eval_every and done % recipe.train.eval_every == 0 and data.validation:
-            ev = evaluate()
-            metrics.update({"eval/loss": ev["loss"], "eval/tau": ev["mean_acceptance_length"]})
-        logger.log(done, metrics)
-        every = recipe.checkpoint.every_steps
-        if done == total_steps or (every and done % every == 0):
-            last_saved = save_checkpoint(
-                ckpt_root, done, model=drafter, optimizer=optimizer,
-                trainer_state={"scheduler": scheduler.state_dict(), "data": batches.state_dict()},
-                meta=meta, dist_info=dist_info, consolidate=True, keep_last=recipe.checkpoint.keep_last,
-                model_fingerprint=model_fingerprint,
-            )
-    logger.close()
-    last_loss, train_tokens, train_seconds = run_totals(out / "metrics.jsonl") if main else (None, 0, 0.0)
-    summary_eval = evaluate() if data.validation else {}
-    final_dir = out / "final"
-    export_checkpoint(last_saved, final_dir, force=True, dist_info=dist_info)
-    if summary_eval:
-        say(f"drafter: tau {summary_eval['mean_acceptance_length']:.3f} (ceiling "
-            f"{summary_eval['ceiling_mean_acceptance_length']:.3f}) offline on {len(data.validation)} validation "
-            "answers, counted to each answer's end")
-    summary = {
-        "task": "dflash",
-        "final_train_loss": last_loss,
-        "eval": summary_eval,
-        "tokens_per_second": train_tokens / train_seconds if train_seconds else 0.0,
-        "train_seconds": train_seconds,
-        "wall_seconds": time.perf_counter() - started,
-        "steps": total_steps,
-        "resumed_from_step": start_step,
-        "mixed_precision": "bf16" if bf16 else "no",  # what the forwards ran in (train.mixed_precision resolved)
-        # rank 0's peak GPU memory (what bf16 saves; bench/dflash_precision.py); None on CPU
-        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(dist_info.device) / 2**30
-        if dist_info.device.type == "cuda" else None,
-        "skipped_records": data.skipped.report(),
-        "target": draft.target,
-        "final_checkpoint": str(final_dir),
-        "last_step_checkpoint": str(last_saved),
-    }
-    if main:
-        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        plot_loss(out / "metrics.jsonl", out / "loss.png")
-    return summary
+    def logged(self, figures: dict) -> dict:
+        return {"eval/loss": figures["loss"], "eval/tau": figures["mean_acceptance_length"]}
 
+    def finish(self, final_dir: Path | None, figures: dict, say) -> dict:
+        if figures:
+            say(f"drafter: tau {figures['mean_acceptance_length']:.3f} (ceiling "
+                f"{figures['ceiling_mean_acceptance_length']:.3f}) offline on {len(self.data.validation)} validation "
+                "answers, counted to each answer's end")
+        return {}
+
+    def summary(self) -> dict:
+        device = self.dist_info.device
+        return {
+            "mixed_precision": "bf16" if self.bf16 else "no",  # what the forwards ran in (train.mixed_precision)
+            # rank 0's peak GPU memory (what bf16 saves; bench/dflash_precision.py); None on CPU
+            "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "skipped_records": self.data.skipped.report(),
+            "target": self.recipe.draft.target,
+        }

@@ -1,11 +1,17 @@
-"""One optimizer step, the same for a plain model and for a pipeline stage.
+"""One optimizer step, the same for every task, plain model or pipeline stage.
 
-A runner turns micro-batches into gradients and returns the summed token loss
-it saw: `LocalRunner` runs forward and backward on the whole model,
-`PipelineRunner` (parallel/pipeline.py) drives its stages through a schedule.
-The step normalises by the supervised tokens of the whole global batch
-(summed over the data-parallel group), so the gradient is the global per-token
-mean whatever the split into micro-batches, pipeline micro-batches and ranks.
+A runner turns micro-batches into gradients and returns the summed loss it saw: `LocalRunner` runs forward and
+backward on the whole model (the SFT task, with or without an MTP head), `PipelineRunner` (parallel/pipeline.py)
+drives its stages through a schedule, a drafter task brings its own. Every runner has:
+
+- `targets(micro_batches)`: what its loss is normalised by (supervised tokens; a drafter's summed slot weights);
+- `begin_step(micro_batches, topo, device)`: anything it needs from the whole global batch before the step;
+- `train_micro_batches(micro_batches, scale, device)`: forward and backward, returns the summed loss;
+- `step_metrics(metrics, device)`: the step's metrics with its own parts added;
+- `held_elsewhere`: ids of parameters whose gradient another pipeline stage counts.
+
+The step normalises by the targets of the whole global batch (summed over the data-parallel group), so the
+gradient is the global mean whatever the split into micro-batches, pipeline micro-batches and ranks.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from shipyard.data.chat import IGNORE_INDEX
+from shipyard.data.loader import supervised_tokens
 from shipyard.parallel.dist import all_reduce_sum
 from shipyard.parallel.topology import Topology
 from shipyard.train.loss import causal_lm_loss, mtp_losses
@@ -23,16 +29,30 @@ from shipyard.train.loss import causal_lm_loss, mtp_losses
 class MTPObjective:
     """The MTP part of the loss: `loss_scale` x the mean over depths of each depth's per-token loss.
 
-    train_step sets `depth_scales` (each depth's weight divided by its global supervised-token count, like the
-    main loss) before a step; the runner leaves each depth's summed loss in `depth_sums`.
+    Each depth is normalised by its own global supervised-token count, like the main loss (`begin_step` sets
+    `depth_scales`); the runner leaves each depth's summed loss in `depth_sums`.
     """
 
     def __init__(self, depths: int, loss_scale: float):
         self.depths, self.loss_scale = depths, loss_scale
         self.depth_scales = [0.0] * depths
+        self.depth_targets = [0] * depths
         self.depth_sums: list[float] = [0.0] * depths
         self.accepted: list[int] = [0] * depths
         self.drafts = 0
+
+    def begin_step(self, micro_batches, topo: Topology, device) -> None:
+        self.depth_targets = [all_reduce_sum(supervised_tokens(micro_batches, ahead=k), device, group=topo.dp_group)
+                              for k in range(1, self.depths + 1)]
+        self.depth_scales = [self.loss_scale / self.depths * topo.dp_size / max(n, 1) for n in self.depth_targets]
+
+    def step_metrics(self, metrics: dict, device) -> dict:
+        """loss = main + loss_scale x mean over depths; each part logged on its own."""
+        depth_losses = [all_reduce_sum(s, device) / max(n, 1) for s, n in zip(self.depth_sums, self.depth_targets)]
+        metrics["train/loss_main"] = metrics["train/loss"]
+        metrics.update({f"train/loss_mtp_{k}": v for k, v in enumerate(depth_losses, start=1)})
+        metrics["train/loss"] = metrics["train/loss_main"] + self.loss_scale * sum(depth_losses) / len(depth_losses)
+        return metrics
 
 
 class LocalRunner:
@@ -43,6 +63,16 @@ class LocalRunner:
         self.model, self.chunk_size, self.autocast = model, chunk_size, autocast
         self.blank_image = blank_image  # vision-language models: run the vision tower in text-only batches
         self.mtp = mtp
+
+    def targets(self, micro_batches) -> int:
+        return supervised_tokens(micro_batches)
+
+    def begin_step(self, micro_batches, topo: Topology, device) -> None:
+        if self.mtp is not None:
+            self.mtp.begin_step(micro_batches, topo, device)
+
+    def step_metrics(self, metrics: dict, device) -> dict:
+        return self.mtp.step_metrics(metrics, device) if self.mtp is not None else metrics
 
     def _losses(self, batch, acceptance: bool = False):
         if self.mtp is None:
@@ -87,11 +117,6 @@ class LocalRunner:
         return loss_sum
 
 
-def supervised_tokens(batches, ahead: int = 0) -> int:
-    """Supervised next-token targets; `ahead` k: targets of MTP depth k (token t + k + 1 from position t)."""
-    return sum(int((b["labels"][:, 1 + ahead:] != IGNORE_INDEX).sum()) for b in batches)
-
-
 def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float, pp_group=None,
                    held_elsewhere: frozenset[int] = frozenset()) -> float:
     """Clip by the norm over all parameters of the model, including those on other pipeline stages.
@@ -113,16 +138,10 @@ def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float, pp_gro
 
 def train_step(runner, parameters, micro_batches, optimizer, scheduler, max_grad_norm, topo: Topology, device) -> dict:
     """One optimizer step over this rank's micro-batches; returns the step's metrics."""
-    # What the loss is normalised by: supervised tokens, or a runner's own count (DFlash: summed slot weights).
-    count = runner.targets(micro_batches) if hasattr(runner, "targets") else supervised_tokens(micro_batches)
-    global_targets = all_reduce_sum(count, device, group=topo.dp_group)
+    global_targets = all_reduce_sum(runner.targets(micro_batches), device, group=topo.dp_group)
     # Data-parallel gradient reduction averages over the dp ranks, so their count is multiplied back in.
     scale = topo.dp_size / max(global_targets, 1)
-    mtp = getattr(runner, "mtp", None)
-    if mtp is not None:  # each depth normalised by its own global target count, like the main loss
-        depth_targets = [all_reduce_sum(supervised_tokens(micro_batches, ahead=k), device, group=topo.dp_group)
-                         for k in range(1, mtp.depths + 1)]
-        mtp.depth_scales = [mtp.loss_scale / mtp.depths * topo.dp_size / max(n, 1) for n in depth_targets]
+    runner.begin_step(micro_batches, topo, device)
     loss_sum = runner.train_micro_batches(micro_batches, scale, device)
     metrics = {}
     if max_grad_norm is not None:
@@ -134,9 +153,4 @@ def train_step(runner, parameters, micro_batches, optimizer, scheduler, max_grad
     # Only last pipeline stages hold losses; each data-parallel replica's last stage counts once.
     metrics["train/loss"] = all_reduce_sum(loss_sum.item(), device) / max(global_targets, 1)
     metrics["train/supervised_tokens"] = int(global_targets)
-    if mtp is not None:  # loss = main + loss_scale x mean over depths; each part logged on its own
-        depth_losses = [all_reduce_sum(s, device) / max(n, 1) for s, n in zip(mtp.depth_sums, depth_targets)]
-        metrics["train/loss_main"] = metrics["train/loss"]
-        metrics.update({f"train/loss_mtp_{k}": v for k, v in enumerate(depth_losses, start=1)})
-        metrics["train/loss"] = metrics["train/loss_main"] + mtp.loss_scale * sum(depth_losses) / len(depth_losses)
-    return metrics
+    return runner.step_metrics(metrics, device)
