@@ -7,22 +7,25 @@ function-level import that hides a cycle from the interpreter at start-up is sti
 Layers, lowest first. A module may import modules of its own layer or of lower layers, never of a higher one
 (within one layer, only cycles are forbidden):
 
-    0  errors, fsutil, compat     no shipyard imports at all (file helpers, messages, the torchvision hook)
-    1  config                     the recipe schema
-    2  models                     model classes, presets, loading, model-structure helpers, weight-file names
-    3  data                       records, message parts, tokenisation, media encoders, datasets
-    4  parallel                   process groups, FSDP, pipeline stages
-    5  peft                       LoRA and adapter directories
-    6  speculative                acceptance replay, answer spans, greedy tokens (training eval, verify, MTP report)
-    7  export                     Hugging Face directories written from a checkpoint
-    8  checkpoint                 resumable checkpoints (they embed an export)
-    9  train                      the training loop and its tasks
-    10 verify, serving, generate  loading what was exported in transformers, PEFT and vLLM
-    11 bench, launch, assets      tools built on training
-    12 cli                        the command line, on top of everything
+    0  errors, fsutil, compat, hf_files   import no other shipyard module (messages, atomic files, the torchvision
+                                           hook, the names of a Hugging Face directory's files and the probe file)
+    1  config                              the recipe schema
+    2  data                                records, message parts, tokenisation, media encoders, datasets
+    3  models                              model classes and presets, structure helpers, loading a model and
+                                           writing it as a Hugging Face directory, reading a directory's weights
+    4  speculative                         acceptance replay, answer spans, greedy tokens
+    5  parallel                            process groups, FSDP2, pipeline stages
+    6  peft                                LoRA and adapter directories
+    7  export                              a checkpoint (or adapter) to a servable directory
+    8  checkpoint                          resumable checkpoints (each embeds an export)
+    9  train                               the training loop and its tasks
+    10 verify, serving, generate           what was exported, loaded in transformers, PEFT and vLLM
+    11 bench, launch, assets               tools built on training
+    12 cli, __main__                       the command line, on top of everything
 
-`data` stands above `models` because a record's media parts are turned into model inputs by the model's own
-processor (audio tokens, image pixel limits): data needs the model side's constants, models never need records.
+`data` is below `models`: records and their tokenisation need a tokenizer and a processor object, never a
+model class; models need the data side's constants (the label of unsupervised positions, the audio placeholder)
+and the chat template's end-of-turn ids when they are written out.
 """
 from __future__ import annotations
 
@@ -38,13 +41,13 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "shipyard"
 
 LAYERS: dict[str, int] = {
-    "errors": 0, "fsutil": 0, "compat": 0,
+    "errors": 0, "fsutil": 0, "compat": 0, "hf_files": 0,
     "config": 1,
-    "models": 2,
-    "data": 3,
-    "parallel": 4,
-    "peft": 5,
-    "speculative": 6,
+    "data": 2,
+    "models": 3,
+    "speculative": 4,
+    "parallel": 5,
+    "peft": 6,
     "export": 7,
     "checkpoint": 8,
     "train": 9,

@@ -19,11 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shipyard.data.chat import IGNORE_INDEX
 from shipyard.data.messages import RecordError
-from shipyard.models.speechlm.configuration import AUDIO_TOKEN
-
-AUDIO_PART_TYPES = ("audio", "audio_url")
+from shipyard.data.parts import AUDIO_TOKEN, IGNORE_INDEX
 MAX_AUDIO_SECONDS = 60.0
 
 
