@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from shipyard.checkpoint.weights import DirectoryWeights
 from shipyard.config import DraftConfig, load_recipe
 from shipyard.errors import ShipyardError
 from shipyard.models import dflash
 from shipyard.models.presets import preset_config
+from shipyard.models.weights import DirectoryWeights
 from tests.conftest import assert_user_error, run_cli, tiny_overrides
 
 IGNORE = -100

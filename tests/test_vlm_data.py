@@ -167,7 +167,7 @@ LIMIT_CASES = [((20, 20), 4), ((100, 80), 6), ((400, 300), 12)]
 def test_image_tokens_equal_between_training_and_exported_processor(tmp_path):
     from transformers import AutoProcessor
 
-    from shipyard.export.hf import write_processor
+    from shipyard.models.save import write_processor
 
     processor = qwen3_vl()[1]
     tok = processor.tokenizer

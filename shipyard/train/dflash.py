@@ -25,15 +25,17 @@ from shipyard.data.images import media_encoder
 from shipyard.data.loader import StepBatches, eval_batches
 from shipyard.errors import ShipyardError
 from shipyard.export.export import export_checkpoint
-from shipyard.export.hf import ModelMeta
+from shipyard.models.save import ModelMeta
 from shipyard.fsutil import write_text_atomic
 from shipyard.models import dflash
 from shipyard.models.load import load, load_processor
+from shipyard.models.logits import chunked_cross_entropy
+from shipyard.models.structure import decoder_layers, final_norm_of
 from shipyard.models.vision import blank_image_inputs, is_vision_language, vision_on_blank_image
 from shipyard.parallel.dist import all_reduce_sum, broadcast_object, init_distributed
-from shipyard.parallel.fsdp import apply_parallelism, decoder_layers, use_fsdp
+from shipyard.parallel.fsdp import apply_parallelism, use_fsdp
 from shipyard.parallel.topology import build_topology
-from shipyard.train.loss import _greedy, answer_spans, chunked_cross_entropy, replay_drafts
+from shipyard.train.loss import _greedy, answer_spans, replay_drafts
 from shipyard.train.metrics import MetricsLogger, plot_loss, run_totals
 from shipyard.train.optim import build_optimizer, build_scheduler
 from shipyard.verify.probe import make_probe
@@ -46,8 +48,6 @@ def target_features(target: torch.nn.Module, layer_ids: list[int]):
     Read where the next layer (or the final norm) receives it, as vLLM's aux hidden states are: a model that adds
     to the hidden state between layers (Qwen3-VL's deepstack visual features after its first layers) has added it.
     """
-    from shipyard.models.mtp import final_norm_of
-
     layers = decoder_layers(target)
     captured: dict[int, torch.Tensor] = {}
     handles = []

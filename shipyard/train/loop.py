@@ -20,21 +20,21 @@ import torch
 
 from shipyard.checkpoint.base_weights import base_weights_for, fill
 from shipyard.checkpoint.store import find_resume_dir, fingerprint, load_checkpoint, save_checkpoint
-from shipyard.checkpoint.weights import DirectoryWeights
+from shipyard.models.weights import DirectoryWeights
 from shipyard.config import Recipe, dump_recipe
 from shipyard.data.dataset import build_datasets, count_targets, describe_sources
 from shipyard.errors import ShipyardError
 from shipyard.data.loader import BatchPlan, StepBatches, eval_batches
 from shipyard.export.export import export_checkpoint
 from shipyard.data.chat import eos_token_ids
-from shipyard.export.hf import ModelMeta, WeightLayout
+from shipyard.models.save import ModelMeta, WeightLayout
 from shipyard.fsutil import write_text_atomic
-from shipyard.data.images import media_encoder
-from shipyard.export.mtp_layout import existing_mtp_layers
+from shipyard.data.images import media_encoder, pixel_limits
+from shipyard.models.mtp_layout import existing_mtp_layers
 from shipyard.models import mtp
 from shipyard.models.load import load, load_processor
 from shipyard.models.speechlm import is_speech_lm
-from shipyard.models.vision import blank_image_inputs, freeze, pixel_limits
+from shipyard.models.vision import blank_image_inputs, freeze
 from shipyard.parallel import pipeline
 from shipyard.parallel.dist import (DistInfo, all_reduce_sum, broadcast_object, init_distributed, on_main,
                                     peak_host_memory_gib)

@@ -4,7 +4,7 @@ The Hugging Face forward runs unchanged (so FSDP2's root hooks, compile and
 activation checkpointing behave as usual), except that a forward pre-hook on
 the LM head captures the final hidden states and hands the head an empty
 slice. The loss then projects only supervised positions, a chunk at a time,
-recomputing each chunk's logits in backward instead of storing them: peak
+recomputing each chunk's logits in backward instead of storing them (models/logits.py): peak
 logits memory is `chunk_size × vocab` instead of `batch × seq × vocab` in fp32.
 
 The function returns the *sum* of token losses and the token count; the
@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from shipyard.data.chat import IGNORE_INDEX
+from shipyard.data.parts import IGNORE_INDEX
+from shipyard.models.logits import chunked_cross_entropy, logit_transform
+from shipyard.models.structure import final_norm_of
 
 
 @contextmanager
@@ -39,42 +40,6 @@ def capture_lm_head_input(model: torch.nn.Module):
         yield captured
     finally:
         handle.remove()
-
-
-def _logit_transform(config) -> tuple[float | None, float | None]:
-    """(scale, softcap) that some architectures apply to logits (Cohere, Gemma 2/3)."""
-    scale = getattr(config, "logit_scale", None)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return scale, softcap
-
-
-def _chunk_loss(hidden, weight, bias, targets, scale, softcap) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()
-    if scale is not None:
-        logits = logits * scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return F.cross_entropy(logits, targets, reduction="sum")
-
-
-def chunked_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    chunk_size: int,
-    bias: torch.Tensor | None = None,
-    scale: float | None = None,
-    softcap: float | None = None,
-) -> torch.Tensor:
-    """Sum of CE over rows of `hidden` [N, H] against `targets` [N]; logits exist one chunk at a time."""
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, h, weight, bias, t, scale, softcap, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(h, weight, bias, t, scale, softcap)
-    return total
 
 
 @torch.no_grad()
@@ -131,8 +96,6 @@ def capture_final_norm_input(model: torch.nn.Module, active: bool):
     if not active:
         yield captured
         return
-    from shipyard.models.mtp import final_norm_of
-
     handle = final_norm_of(model).register_forward_pre_hook(lambda _m, args: captured.__setitem__("pre_norm", args[0]))
     try:
         yield captured
@@ -144,7 +107,7 @@ def _supervised_loss(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_s
     """Sum of CE of `hidden` [B, T, H] against `targets` [B, T] over supervised positions, and their count."""
     keep = targets != IGNORE_INDEX
     head = model.get_output_embeddings()
-    scale, softcap = _logit_transform(model.config.get_text_config())
+    scale, softcap = logit_transform(model.config.get_text_config())
     loss = chunked_cross_entropy(hidden[keep], head.weight, targets[keep], chunk_size, head.bias, scale, softcap)
     return loss, int(keep.sum())
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from shipyard.errors import ShipyardError
+from shipyard.hf_files import read_probe
 from shipyard.models import dflash
-from shipyard.verify.probe import read_probe
+from shipyard.models.weights import DirectoryWeights
 from shipyard.verify.speculative import MAX_PROMPTS, NGRAM, SPEC_MAX_NEW_TOKENS
 
 VLLM_DTYPE = "float32"
@@ -42,8 +43,6 @@ def target_of(directory: Path, target: str | None) -> Path:
 def load_drafter(directory: Path) -> dflash.DFlashDrafter:
     """The drafter as shipyard's module, every tensor of the directory in its place (none missing, none extra)."""
     from transformers import AutoConfig
-
-    from shipyard.checkpoint.weights import DirectoryWeights
 
     config = AutoConfig.from_pretrained(directory)
     drafter = dflash.DFlashDrafter(config)

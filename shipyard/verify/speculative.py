@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from shipyard.models import mtp
+from shipyard.models.mtp_layout import existing_mtp_layers
 
 SPEC_MAX_NEW_TOKENS = 64
 MAX_PROMPTS = 200
@@ -24,8 +25,6 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3,
 
 
 def mtp_layers_in(model_dir: Path, config) -> int:
-    from shipyard.export.mtp_layout import existing_mtp_layers
-
     if not getattr(config, "num_nextn_predict_layers", 0):
         return 0
     return existing_mtp_layers(model_dir, config)
