@@ -35,7 +35,8 @@ from shipyard.models.vision import blank_image_inputs, is_vision_language, visio
 from shipyard.parallel.dist import all_reduce_sum, broadcast_object, init_distributed
 from shipyard.parallel.fsdp import apply_parallelism, use_fsdp
 from shipyard.parallel.topology import build_topology
-from shipyard.train.loss import _greedy, answer_spans, replay_drafts
+from shipyard.speculative.acceptance import (acceptance_per_position, answer_spans, block_table, greedy_tokens,
+                                             mean_acceptance_length, perfect_table, replay_drafts)
 from shipyard.train.metrics import MetricsLogger, plot_loss, run_totals
 from shipyard.train.optim import build_optimizer, build_scheduler
 from shipyard.verify.probe import make_probe
@@ -176,19 +177,17 @@ class DFlashRunner:
                     loss += float(self.weights[k] * chunked_cross_entropy(states[keep, k], head.weight,
                                                                           targets[keep, k], 4096, head.bias))
             weight += float((valid * self.weights.to(valid.device)).sum())
-            drafted = _greedy(self.target, states)  # [N, B]: slot k's token for position anchor + k
-            greedy = _greedy(self.target, final).tolist()  # greedy[r][t]: the target's token for t + 1
+            drafted = greedy_tokens(self.target, states)  # [N, B]: slot k's token for position anchor + k
+            greedy = greedy_tokens(self.target, final).tolist()  # greedy[r][t]: the target's token for t + 1
             for r, labels in enumerate(batch["labels"].tolist()):
                 mine = (rows == r).nonzero().squeeze(1)
                 by_anchor = {int(anchors[i]): drafted[i].tolist() for i in mine}
                 correct = [-1] + greedy[r]
                 for start, end in answer_spans(labels):
-                    # drafted[j-1][m-1]: depth j's token for position m + j, from the block anchored at m
-                    table = [[by_anchor.get(m, [-1] * self.block)[j] for m in range(1, len(labels) + 1)]
-                             for j in range(1, self.block)]
+                    table = block_table(by_anchor, self.block, len(labels))
                     drafts += replay_drafts(table, correct, start, end, accepted)
-                    ceiling_drafts += replay_drafts([[correct[m + j] if m + j < len(correct) else -1 for m in range(1, len(labels) + 1)]
-                                   for j in range(1, self.block)], correct, start, end, ceiling_accepted)
+                    ceiling_drafts += replay_drafts(perfect_table(correct, self.block - 1, len(labels)), correct,
+                                                    start, end, ceiling_accepted)
         self.drafter.train()
         return {"loss": loss, "weight": weight, "accepted": accepted, "drafts": drafts,
                 "ceiling_accepted": ceiling_accepted, "ceiling_drafts": ceiling_drafts}
@@ -205,10 +204,6 @@ def ensure_target(path: str, say) -> None:
     from shipyard.train.loop import train
 
     train(load_recipe(p.parent.name, [f"output_dir={p.parent}"]))
-
-
-def tau(accepted: list[int], drafts: int) -> float:
-    return 1 + sum(accepted) / max(drafts, 1)
 
 
 def train_dflash(recipe: Recipe) -> dict:
@@ -293,9 +288,9 @@ def train_dflash(recipe: Recipe) -> dict:
         ceiling_drafts = all_reduce_sum(raw["ceiling_drafts"], dist_info.device)
         return {"loss": all_reduce_sum(raw["loss"], dist_info.device) / max(all_reduce_sum(raw["weight"],
                                                                                             dist_info.device), 1e-9),
-                "mean_acceptance_length": tau(accepted, drafts),
-                "ceiling_mean_acceptance_length": tau(ceiling, ceiling_drafts),
-                "acceptance_per_position": [a / max(drafts, 1) for a in accepted], "drafts": drafts}
+                "mean_acceptance_length": mean_acceptance_length(accepted, drafts),
+                "ceiling_mean_acceptance_length": mean_acceptance_length(ceiling, ceiling_drafts),
+                "acceptance_per_position": acceptance_per_position(accepted, drafts), "drafts": drafts}
 
     logger = MetricsLogger(out, total_steps, start_step, recipe.train.log_every, enabled=main)
     last_saved = resume_dir if start_step == total_steps else None
