@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from shipyard.models import mtp
-from shipyard.models.mtp_layout import existing_mtp_layers
+from shipyard.models.mtp_layout import existing_mtp_layers, style_for
 from shipyard.speculative.acceptance import acceptance_per_position, mtp_drafts, replay_drafts
 from shipyard.train.loss import forward_hidden
 
@@ -34,7 +34,7 @@ def mtp_layers_in(model_dir: Path, config) -> int:
 
 def speculative_job(model_dir: Path, tokenizer_dir: Path, config, dialogs: list[list[dict]], layers: int,
                     max_model_len: int) -> dict:
-    style = mtp.style_for(config)
+    style = style_for(config)
     n = min(layers, style.max_served_depths)
     job = {"model": str(model_dir), "tokenizer": str(tokenizer_dir), "dialogs": dialogs,
            "max_new_tokens": SPEC_MAX_NEW_TOKENS, "max_model_len": max_model_len,
