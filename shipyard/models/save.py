@@ -33,6 +33,7 @@ from shipyard.errors import ShipyardError
 from shipyard.hf_files import INDEX_FILE, MTP_SIDE_FILE, SINGLE_FILE, write_probe
 from shipyard.models.mtp_layout import STYLES
 from shipyard.models.speechlm import ARCHITECTURE, HYBRID_ARCHITECTURE
+
 MAX_SHARD_BYTES = 5 * 1024**3
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
