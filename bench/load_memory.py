@@ -74,10 +74,10 @@ def worker(base: Path, overrides: list[str], whole: bool, out: Path) -> None:
     from torch.distributed.tensor import DTensor
 
     from shipyard.checkpoint.base_weights import base_weights_for
-    from shipyard.checkpoint.weights import DirectoryWeights
     from shipyard.config import load_recipe
-    from shipyard.export.hf import clean_name, tied_aliases
     from shipyard.models.load import load, load_model
+    from shipyard.models.structure import clean_name, tied_aliases
+    from shipyard.models.weights import DirectoryWeights
     from shipyard.parallel.dist import init_distributed, own_peak_memory_gib
     from shipyard.parallel.fsdp import use_fsdp
     from shipyard.parallel.topology import build_topology

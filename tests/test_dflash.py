@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from shipyard.checkpoint.weights import DirectoryWeights
 from shipyard.config import DraftConfig, load_recipe
 from shipyard.errors import ShipyardError
 from shipyard.models import dflash
 from shipyard.models.presets import preset_config
+from shipyard.models.weights import DirectoryWeights
 from tests.conftest import assert_user_error, run_cli, tiny_overrides
 
 IGNORE = -100
@@ -372,7 +372,7 @@ def test_bf16_autocast_runs_the_forwards_in_bf16_and_stays_close_to_fp32():
 ])
 def test_evaluate_loss_weight_and_ceiling(device):
     from shipyard.train.dflash import DFlashRunner
-    from shipyard.train.loss import answer_spans
+    from shipyard.speculative.acceptance import answer_spans
 
     target, drafter, batch = _loss_setup()
     target, drafter = target.to(device), drafter.to(device)

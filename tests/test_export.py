@@ -175,7 +175,7 @@ def test_config_json_keeps_the_top_level_rope_fields_older_readers_use(tmp_path,
     """transformers 4 (and what is pinned to it) reads rope_theta/rope_scaling; 5 reads rope_parameters."""
     from transformers import AutoConfig, Qwen3Config
 
-    from shipyard.export.hf import write_config
+    from shipyard.models.save import write_config
 
     config = Qwen3Config(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                          head_dim=32, intermediate_size=64, vocab_size=100, rope_parameters=dict(rope))

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from shipyard.checkpoint.weights import DirectoryWeights
 from shipyard.config import load_recipe
 from shipyard.errors import ShipyardError
 from shipyard.models import mtp
 from shipyard.models.presets import preset_config
+from shipyard.models.weights import DirectoryWeights
 from shipyard.train.loss import mtp_losses
 from shipyard.data.loader import supervised_tokens
 from tests.conftest import run_cli, tiny_overrides

@@ -18,7 +18,7 @@ from torch import nn
 from shipyard.config import DataConfig, ModelConfig, ParallelConfig, load_recipe
 from shipyard.data.loader import collate
 from shipyard.errors import ShipyardError
-from shipyard.export.hf import tied_aliases
+from shipyard.models.structure import tied_aliases
 from shipyard.models.load import load
 from shipyard.data.dataset import build_datasets
 from shipyard.parallel import pipeline

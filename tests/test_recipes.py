@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from shipyard.config import dump_recipe, load_recipe, shipped_recipes, validate_recipe
 from shipyard.errors import ShipyardError
-from shipyard.export.hf import clean_name
+from shipyard.models.structure import clean_name
 from shipyard.models.load import resolve_source
 from tests.conftest import losses
 from tests.fixtures import SNAPSHOT, family_tokenizer, hub_dataset_into_cache, into_hub_cache

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from shipyard.checkpoint.store import fingerprint
 from shipyard.config import load_recipe
 from shipyard.data.chat import Sample
-from shipyard.export.hf import ModelMeta
+from shipyard.models.save import ModelMeta
 from shipyard.models.load import SHIPPED_TOKENIZER
 from shipyard.models.presets import preset_config
 from shipyard.parallel.topology import build_topology

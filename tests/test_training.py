@@ -15,7 +15,8 @@ from shipyard.parallel.topology import Topology
 from shipyard.train.loop import train
 from shipyard.train.precision import autocast_for
 from shipyard.train.step import LocalRunner, train_step
-from shipyard.train.loss import causal_lm_loss, chunked_cross_entropy, isolates_packed_documents
+from shipyard.models.logits import chunked_cross_entropy
+from shipyard.train.loss import causal_lm_loss, isolates_packed_documents
 from shipyard.train.optim import build_optimizer, build_scheduler, lr_factor
 
 
@@ -170,7 +171,8 @@ def test_activation_checkpointing_and_compile_keep_losses_and_names(tiny_recipe,
 def test_selective_checkpointing_recomputes_no_matmul(mode, recomputes_matmuls):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from shipyard.parallel.fsdp import checkpointed, decoder_layers
+    from shipyard.models.structure import decoder_layers
+    from shipyard.parallel.fsdp import checkpointed
     from tests.fixtures import random_model
 
     def backward_flops(mode):

@@ -21,11 +21,10 @@ from PIL import Image
 from shipyard.config import DataSource, load_recipe
 from shipyard.data.chat import IGNORE_INDEX, eos_token_ids, render_text, tokenize_record
 from shipyard.data.dataset import build_datasets
-from shipyard.data.images import ImageEncoder
+from shipyard.data.images import ImageEncoder, apply_pixel_limits, pixel_limits
 from shipyard.data.messages import RecordError, normalise_record
 from shipyard.data.sources import SkipCounter, read_sources
 from shipyard.errors import ShipyardError
-from shipyard.models.vision import apply_pixel_limits, pixel_limits
 from shipyard.models.vision_presets import idefics3, qwen3_vl
 from tests.test_chat import supervised_spans
 
@@ -168,7 +167,7 @@ LIMIT_CASES = [((20, 20), 4), ((100, 80), 6), ((400, 300), 12)]
 def test_image_tokens_equal_between_training_and_exported_processor(tmp_path):
     from transformers import AutoProcessor
 
-    from shipyard.export.hf import write_processor
+    from shipyard.models.save import write_processor
 
     processor = qwen3_vl()[1]
     tok = processor.tokenizer

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-from shipyard.checkpoint.weights import DirectoryWeights
 from shipyard.config import ModelConfig
 from shipyard.errors import ShipyardError
-from shipyard.export.hf import clean_name
 from shipyard.models.load import ModelSource, load_model
+from shipyard.models.structure import clean_name
+from shipyard.models.weights import DirectoryWeights
 
 
 def is_empty(model: torch.nn.Module) -> bool:

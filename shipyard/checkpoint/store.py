@@ -41,17 +41,10 @@ from torch.distributed.checkpoint.state_dict import (
 
 from shipyard.errors import ShipyardError
 from shipyard.fsutil import crash_point, publish, recover_publish, write_text_atomic
-from shipyard.checkpoint.weights import DirectoryWeights, dcp_load, dcp_save
 from shipyard.export.export import write_weight_files
-from shipyard.export.hf import (
-    ModelMeta,
-    WeightLayout,
-    clean_name,
-    tied_aliases,
-    write_hf_metadata,
-    write_index,
-    write_weights,
-)
+from shipyard.models.save import ModelMeta, WeightLayout, write_hf_metadata, write_index, write_weights
+from shipyard.models.structure import clean_name, tied_aliases
+from shipyard.models.weights import DirectoryWeights, dcp_load, dcp_save
 from shipyard.parallel.dist import DistInfo, barrier, broadcast_object
 from shipyard.peft.adapter_dir import read_adapter, write_adapter_dir
 

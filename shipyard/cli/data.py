@@ -53,7 +53,7 @@ def add_parser(subparsers) -> None:
 
 def run_preview(args: argparse.Namespace) -> int:
     from shipyard.config import load_recipe
-    from shipyard.data.preview import preview_datasets, print_preview, sample_json
+    from shipyard.cli.preview import preview_datasets, print_preview, sample_json
 
     recipe_arg, overrides = split_recipe_and_overrides(args.recipe_and_overrides)
     recipe = load_recipe(recipe_arg, overrides)
@@ -72,7 +72,7 @@ def run_preview(args: argparse.Namespace) -> int:
 def run_prepare(args: argparse.Namespace) -> int:
     from shipyard.config import load_recipe
     from shipyard.data.dataset import describe_sources
-    from shipyard.data.preview import preview_datasets
+    from shipyard.cli.preview import preview_datasets
 
     recipe_arg, overrides = split_recipe_and_overrides(args.recipe_and_overrides)
     recipe = load_recipe(recipe_arg, [*overrides, "data.cache=true"])

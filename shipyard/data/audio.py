@@ -19,12 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shipyard.data.chat import IGNORE_INDEX
 from shipyard.data.messages import RecordError
 from shipyard.errors import ShipyardError
-from shipyard.models.speechlm.configuration import AUDIO_TOKEN
+from shipyard.data.parts import AUDIO_TOKEN, IGNORE_INDEX
 
-AUDIO_PART_TYPES = ("audio", "audio_url")
 MAX_AUDIO_SECONDS = 60.0
 
 

@@ -41,11 +41,12 @@ from functools import lru_cache
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from shipyard.data.audio import audio_parts_as_text
 from shipyard.data.images import ImageEncoder, media_of
 from shipyard.data.messages import Record, RecordError, reasoning_of, text_of, without_reasoning
+from shipyard.data.parts import IGNORE_INDEX
 from shipyard.errors import ShipyardError
 
-IGNORE_INDEX = -100
 MULTI_TURN_MODES = ("as_served", "whole_dialog")
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _SENTINEL = "SHIPYARD_SENTINEL_7f3a"
@@ -92,8 +93,6 @@ def render(
     with_spans: bool = False,
 ) -> tuple[str, list[tuple[int, int]]]:
     """The template's text for `messages`, and the character spans of its `{% generation %}` blocks."""
-    from shipyard.data.audio import audio_parts_as_text
-
     template = tokenizer.get_chat_template(None, tools)
     texts, spans = render_jinja_template(
         [audio_parts_as_text(messages)], tools=tools, chat_template=template, return_assistant_tokens_mask=with_spans,

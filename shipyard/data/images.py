@@ -11,46 +11,25 @@ placeholder per image; the model's own processor expands each placeholder into a
 image gets (Qwen-VL: one per 32x32 pixels after resizing into its pixel limits), which makes training
 ids token-for-token those vLLM builds for the same dialog. Pixels are computed again when a batch is
 built (`ImageEncoder.media_inputs`), so memory holds references, not tensors.
+
+The processor's pixel limits (data.min_pixels / data.max_pixels) are set on it before tokenizing and saved with
+every checkpoint and export, so vLLM expands each image into as many tokens as training did.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from shipyard.data.audio import AudioEncoder
 from shipyard.data.messages import RecordError
-
-IMAGE_PART_TYPES = ("image", "image_url")
-
-
-def resolve_media_ref(part: dict, where: str, root: Path | None, kind: str = "image") -> str:
-    """The location of an image or audio content part (`{"type": KIND, KIND: REF}` or OpenAI's
-    `{"type": "KIND_url", "KIND_url": {"url": REF}}`): an absolute path, or a data: URI as it is
-    (RecordError if the part is malformed or names a web address)."""
-    if part.get("type") == f"{kind}_url":
-        url = part.get(f"{kind}_url")
-        ref = url.get("url") if isinstance(url, dict) else url
-    else:
-        ref = part.get(kind)
-    example = {"image": "path.png", "audio": "clip.wav"}[kind]
-    if not isinstance(ref, str) or not ref:
-        raise RecordError(f'{where} is an {kind} part without a location; use {{"type": "{kind}", "{kind}": "{example}"}}',
-                          reason=f"bad_{kind}")
-    if ref.startswith("data:"):
-        return ref
-    if ref.startswith(("http://", "https://")):
-        raise RecordError(f"{where}: {kind} URLs are not fetched during training ({ref[:60]}); download the file "
-                          "and give its path", reason=f"bad_{kind}")
-    path = Path(ref.removeprefix("file://")).expanduser()
-    if not path.is_absolute() and root is not None:
-        path = root / path
-    return str(path.resolve())
-
+from shipyard.errors import ShipyardError
 
 def describe(ref: str) -> str:
     return ref if not ref.startswith("data:") else f"{ref[:30]}... ({len(ref)} characters)"
@@ -120,17 +99,17 @@ class ImageEncoder:
     def configure(self, config, parallel) -> None:
         """Settings a modality takes from the model and the run (images: none)."""
 
-    def blank_inputs(self) -> dict:
-        """Pixel inputs of one blank image: micro-batches without images run the vision tower on it, so FSDP2 ranks
-        gather the same units whatever their data (models/vision.py)."""
-        from shipyard.models.vision import blank_image_inputs
-
-        return blank_image_inputs(self.processor)
+    def blank_inputs(self) -> dict[str, torch.Tensor]:
+        """Pixel inputs of one small blank image: micro-batches without images run the vision tower on it, so FSDP2
+        ranks gather the same units whatever their data (models/vision.py's `vision_on_blank_image`)."""
+        side = 64
+        if limits := pixel_limits(self.processor):
+            side = max(side, int(limits[0] ** 0.5) + 1)
+        return dict(self.processor.image_processor(images=[Image.new("RGB", (side, side), (255, 255, 255))],
+                                                   return_tensors="pt"))
 
     def describe(self, count: int) -> str:
         """The start-up line about this modality's data."""
-        from shipyard.models.vision import pixel_limits
-
         limits = pixel_limits(self.processor)
         return (f"images: {type(self.processor).__name__}, {count} in training samples"
                 + (f"; {limits[0]:,}..{limits[1]:,} pixels per image (data.min_pixels/max_pixels, exported)"
@@ -160,16 +139,41 @@ class ImageEncoder:
         return {k: (input_ids == self.image_token_id).long() for k in self.type_keys}
 
 
+def pixel_limits(processor) -> tuple[int, int] | None:
+    """(min, max) pixels of a Qwen-VL-style image processor (its size is shortest_edge/longest_edge in pixels)."""
+    image_processor = getattr(processor, "image_processor", None)
+    size = getattr(image_processor, "size", None)
+    if size is None or not getattr(image_processor, "merge_size", None):
+        return None
+    low, high = size.get("shortest_edge"), size.get("longest_edge")
+    return (low, high) if low and high else None
+
+
+def apply_pixel_limits(processor, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Set data.min_pixels / data.max_pixels on the processor (saved with every checkpoint and export)."""
+    if min_pixels is None and max_pixels is None:
+        return
+    current = pixel_limits(processor)
+    if current is None:
+        ip = processor.image_processor
+        raise ShipyardError(
+            f"data.min_pixels/max_pixels: {type(ip).__name__} does not resize by a pixel budget (its size is "
+            f"{dict(ip.size) if hasattr(ip.size, 'keys') else ip.size}); leave them unset"
+        )
+    lo, hi = min_pixels or current[0], max_pixels or current[1]
+    if lo > hi:
+        raise ShipyardError(f"data.min_pixels ({lo}) is above data.max_pixels ({hi})")
+    ip = processor.image_processor
+    ip.size = dataclasses.replace(ip.size, shortest_edge=lo, longest_edge=hi) if dataclasses.is_dataclass(ip.size) \
+        else {**ip.size, "shortest_edge": lo, "longest_edge": hi}
+
+
 def media_encoder(processor, cfg) -> ImageEncoder | None:
     """The data pipeline's view of a multimodal model's processor (None for text models): an AudioEncoder for a
     speech-LM; else an ImageEncoder with the recipe's pixel limits (`cfg`: the recipe's data section) set on it."""
-    from shipyard.models.vision import apply_pixel_limits, pixel_limits
-
     if processor is None:
         return None
     if hasattr(processor, "audio_token_count"):
-        from shipyard.data.audio import AudioEncoder
-
         return AudioEncoder(processor, cfg.max_audio_seconds)
     apply_pixel_limits(processor, cfg.min_pixels, cfg.max_pixels)
     limit = cfg.max_image_pixels

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shipyard.data.parts import AUDIO_PART_TYPES, IMAGE_PART_TYPES
+
 ROLES = ("system", "user", "assistant", "tool")
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 EXAMPLE = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
@@ -74,10 +76,31 @@ def without_images(record: Record) -> Record:
     return Record(messages, record.origin, record.tools, record.template_kwargs)
 
 
-def _content(value: Any, where: str, role: str, has_tool_calls: bool, image_root: Path | None) -> str | list[dict]:
-    from shipyard.data.audio import AUDIO_PART_TYPES
-    from shipyard.data.images import IMAGE_PART_TYPES, resolve_media_ref
+def resolve_media_ref(part: dict, where: str, root: Path | None, kind: str = "image") -> str:
+    """The location of an image or audio content part (`{"type": KIND, KIND: REF}` or OpenAI's
+    `{"type": "KIND_url", "KIND_url": {"url": REF}}`): an absolute path, or a data: URI as it is
+    (RecordError if the part is malformed or names a web address)."""
+    if part.get("type") == f"{kind}_url":
+        url = part.get(f"{kind}_url")
+        ref = url.get("url") if isinstance(url, dict) else url
+    else:
+        ref = part.get(kind)
+    example = {"image": "path.png", "audio": "clip.wav"}[kind]
+    if not isinstance(ref, str) or not ref:
+        raise RecordError(f'{where} is an {kind} part without a location; use {{"type": "{kind}", "{kind}": "{example}"}}',
+                          reason=f"bad_{kind}")
+    if ref.startswith("data:"):
+        return ref
+    if ref.startswith(("http://", "https://")):
+        raise RecordError(f"{where}: {kind} URLs are not fetched during training ({ref[:60]}); download the file "
+                          "and give its path", reason=f"bad_{kind}")
+    path = Path(ref.removeprefix("file://")).expanduser()
+    if not path.is_absolute() and root is not None:
+        path = root / path
+    return str(path.resolve())
 
+
+def _content(value: Any, where: str, role: str, has_tool_calls: bool, image_root: Path | None) -> str | list[dict]:
     if isinstance(value, str):
         return value
     if value is None:

@@ -18,23 +18,11 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 import shipyard.models.speechlm  # noqa: F401  (an exported speech-LM's config loads through AutoConfig)
-from shipyard.checkpoint.weights import DirectoryWeights
 from shipyard.errors import ShipyardError
 from shipyard.fsutil import publish
-from shipyard.parallel.dist import DistInfo, barrier, on_main
-from shipyard.peft.adapter_dir import (
-    ADAPTER_WEIGHTS,
-    LORA_META,
-    MergedWeights,
-    is_adapter_dir,
-    read_adapter,
-    read_lora_meta,
-    resolve_base_dir,
-    write_adapter_dir,
-)
-from shipyard.verify.probe import read_probe
-from shipyard.export.hf import (
-    MTP_SIDE_FILE,
+from shipyard.hf_files import MTP_SIDE_FILE, read_probe
+from shipyard.models.mtp_layout import ServedLayoutWeights, served_config_updates, style_for
+from shipyard.models.save import (
     ModelMeta,
     WeightLayout,
     check_exportable,
@@ -45,6 +33,18 @@ from shipyard.export.hf import (
     write_hf_metadata,
     write_index,
     write_weight_file,
+)
+from shipyard.models.weights import DirectoryWeights
+from shipyard.parallel.dist import DistInfo, barrier, on_main
+from shipyard.peft.adapter_dir import (
+    ADAPTER_WEIGHTS,
+    LORA_META,
+    MergedWeights,
+    is_adapter_dir,
+    read_adapter,
+    read_lora_meta,
+    resolve_base_dir,
+    write_adapter_dir,
 )
 
 CHECKPOINT_META = Path("shipyard") / "checkpoint.json"
@@ -229,9 +229,6 @@ def served_mtp_layout(weights, meta: ModelMeta) -> tuple[object, list[str], set[
 
     Also points `meta` at the serving architecture (Qwen2 bases with MTP serve as MiMoForCausalLM).
     """
-    from shipyard.export.mtp_layout import ServedLayoutWeights, served_config_updates
-    from shipyard.models.mtp import style_for
-
     view = ServedLayoutWeights(weights, meta.config)
     expected = view.mtp_names()
     if not expected:

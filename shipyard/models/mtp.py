@@ -17,14 +17,14 @@ calls it: the loss (train/loss.py) runs it on the hidden states the forward prod
 Serving engines differ in details the head must be trained with (vLLM's code is the reference, see
 docs/notes/mtp-on-vllm.md): which hidden state of the base feeds depth 1 (before or after the final norm), which
 output of depth k feeds depth k+1, the concatenation order, and whether the embedding at position 0 is zeroed.
-`MTPStyle` holds these per model family; training and export both read it.
+`MTPStyle` holds these per model family (models/mtp_layout.py, with where each family's served checkpoint
+keeps the head's tensors); training and export both read it.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,37 +32,10 @@ from torch import nn
 
 from shipyard.errors import ShipyardError
 from shipyard.models.vision import is_vision_language
+from shipyard.models.mtp_layout import STYLES, existing_mtp_layers, read_existing_head, style_for
+from shipyard.models.structure import decoder_layers, final_norm_of
 
 log = logging.getLogger(__name__)
-
-PREFIX = "mtp.layers."
-
-
-@dataclass(frozen=True)
-class MTPStyle:
-    layout: str  # export layout: "mimo", "deepseek" (GLM-4.5 and DeepSeek-V3), "nemotron_h", or "shipyard"
-    hidden_in: str  # the base hidden state depth 1 reads: "pre_norm" (before the final norm) or "post_norm"
-    chain: str  # what depth k hands to depth k+1: its output "pre_norm" or "post_norm" (after its final norm)
-    zero_first_embedding: bool  # the embedding at position 0 is zeroed (vLLM's MiMo/DeepSeek/GLM MTP do this)
-    architecture: str | None  # the architecture vLLM serves the base + MTP under; None: vLLM has no MTP for it
-    max_served_depths: int = 64  # drafted tokens vLLM's MTP model for this family can make per step
-
-
-# Per model_type. Each checked against vLLM's model code: mimo_mtp.py (MiMo returns the pre-norm hidden state and
-# concatenates [hidden, embedding]), deepseek_mtp.py / glm4_moe_mtp.py (post-norm input, [embedding, hidden],
-# pre-norm output chained), nemotron_h_mtp.py (post-norm input, no zeroing at position 0, one MTP step).
-STYLES = {
-    "qwen2": MTPStyle("mimo", "pre_norm", "post_norm", True, "MiMoForCausalLM", max_served_depths=1),
-    "mimo": MTPStyle("mimo", "pre_norm", "post_norm", True, "MiMoForCausalLM", max_served_depths=1),
-    "glm4_moe": MTPStyle("deepseek", "post_norm", "pre_norm", True, "Glm4MoeForCausalLM"),
-    "deepseek_v3": MTPStyle("deepseek", "post_norm", "pre_norm", True, "DeepseekV3ForCausalLM"),
-    "nemotron_h": MTPStyle("nemotron_h", "post_norm", "post_norm", False, "NemotronHForCausalLM", max_served_depths=1),
-}
-SHIPYARD_STYLE = MTPStyle("shipyard", "post_norm", "pre_norm", True, None)
-
-
-def style_for(config) -> MTPStyle:
-    return STYLES.get(config.get_text_config().model_type, SHIPYARD_STYLE)
 
 
 def why_not_served(config) -> str | None:
@@ -105,14 +78,6 @@ class MTPHead(nn.Module):
         self.layers = nn.ModuleList(layers)
 
 
-def final_norm_of(model: nn.Module) -> nn.Module:
-    inner = model.get_decoder()
-    for attr in ("norm", "norm_f", "final_layernorm", "ln_f"):
-        if isinstance(getattr(inner, attr, None), nn.Module):
-            return getattr(inner, attr)
-    raise ShipyardError(f"{type(model).__name__}: cannot find the final norm (looked for norm, norm_f, ln_f)")
-
-
 def _is_attention_block(layer: nn.Module, index: int, config) -> bool:
     kind = getattr(layer, "block_type", None) or (getattr(config, "layer_types", None) or [None] * (index + 1))[index]
     return kind is None or "attention" in kind and "linear" not in kind
@@ -120,8 +85,6 @@ def _is_attention_block(layer: nn.Module, index: int, config) -> bool:
 
 def attention_block_index(model: nn.Module) -> int:
     """The last decoder block with (full) attention: what an MTP block is a copy of."""
-    from shipyard.parallel.fsdp import decoder_layers
-
     layers = decoder_layers(model)
     config = model.config.get_text_config()
     for i in reversed(range(len(layers))):
@@ -152,8 +115,6 @@ def _constructs(cls) -> bool:
 
 def build_head(model: nn.Module, num_layers: int, seed: int = 0) -> MTPHead:
     """`num_layers` fresh MTP layers for `model`: blocks copied from its last attention block, new projections."""
-    from shipyard.parallel.fsdp import decoder_layers
-
     config = model.config.get_text_config()
     source_index = attention_block_index(model)
     source = decoder_layers(model)[source_index]
@@ -238,8 +199,6 @@ def attach(model: nn.Module, num_layers: int | None, base_dir: Path | None, seed
     A base that already has MTP weights (a shipyard export, MiMo, GLM-4.5, DeepSeek-V3, Nemotron-style) is loaded
     with them: never re-initialised. `num_layers` that disagrees with the checkpoint is refused.
     """
-    from shipyard.export.mtp_layout import existing_mtp_layers, read_existing_head
-
     if head_of(model) is not None:
         raise ShipyardError("the model already has an MTP head attached")  # never wrapped twice
     if is_vision_language(model.config):

@@ -7,9 +7,6 @@ module finds its parts by the names transformers gives them:
   units, pipeline stage 0), and the projector that maps its features into the
   language model's embedding space;
 - named parameter groups for `model.freeze`;
-- the processor's pixel limits, set from the recipe before tokenizing and
-  saved with the export, so vLLM expands each image into as many tokens as
-  training did;
 - `vision_on_blank_image`: for batches without images. FSDP2 gathers the
   vision blocks' weights inside their forward, so every rank must run them in
   every micro-batch, and at the same point (collectives pair up in order): a
@@ -22,12 +19,10 @@ module finds its parts by the names transformers gives them:
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 from contextlib import contextmanager
 
 import torch
-from PIL import Image
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
@@ -122,48 +117,7 @@ def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
     return sorted(set(frozen))
 
 
-# ------------------------------------------------------------------ pixel limits
-
-
-def pixel_limits(processor) -> tuple[int, int] | None:
-    """(min, max) pixels of a Qwen-VL-style image processor (its size is shortest_edge/longest_edge in pixels)."""
-    image_processor = getattr(processor, "image_processor", None)
-    size = getattr(image_processor, "size", None)
-    if size is None or not getattr(image_processor, "merge_size", None):
-        return None
-    low, high = size.get("shortest_edge"), size.get("longest_edge")
-    return (low, high) if low and high else None
-
-
-def apply_pixel_limits(processor, min_pixels: int | None, max_pixels: int | None) -> None:
-    """Set data.min_pixels / data.max_pixels on the processor (saved with every checkpoint and export)."""
-    if min_pixels is None and max_pixels is None:
-        return
-    current = pixel_limits(processor)
-    if current is None:
-        ip = processor.image_processor
-        raise ShipyardError(
-            f"data.min_pixels/max_pixels: {type(ip).__name__} does not resize by a pixel budget (its size is "
-            f"{dict(ip.size) if hasattr(ip.size, 'keys') else ip.size}); leave them unset"
-        )
-    lo, hi = min_pixels or current[0], max_pixels or current[1]
-    if lo > hi:
-        raise ShipyardError(f"data.min_pixels ({lo}) is above data.max_pixels ({hi})")
-    ip = processor.image_processor
-    ip.size = dataclasses.replace(ip.size, shortest_edge=lo, longest_edge=hi) if dataclasses.is_dataclass(ip.size) \
-        else {**ip.size, "shortest_edge": lo, "longest_edge": hi}
-
-
 # ------------------------------------------------------------------ text-only batches
-
-
-def blank_image_inputs(processor) -> dict[str, torch.Tensor]:
-    """Pixel inputs of one small blank image, for `vision_idle_loss`."""
-    side = 64
-    if limits := pixel_limits(processor):
-        side = max(side, int(limits[0] ** 0.5) + 1)
-    return dict(processor.image_processor(images=[Image.new("RGB", (side, side), (255, 255, 255))],
-                                          return_tensors="pt"))
 
 
 def _tensors(value):

@@ -20,23 +20,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from shipyard.config import ParallelConfig
-from shipyard.errors import ShipyardError
+from shipyard.models.structure import decoder_layers
 from shipyard.models.vision import vision_blocks
 from shipyard.parallel.dist import DistInfo
 from shipyard.parallel.topology import Topology
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | torch.nn.ModuleDict:
-    """The decoder blocks of a Hugging Face causal LM (model.model.layers and the like).
-
-    A ModuleDict keyed by original layer index on a pipeline stage (see parallel/pipeline.py).
-    """
-    inner = model.get_decoder() if hasattr(model, "get_decoder") else model
-    for attr in ("layers", "h", "blocks", "decoder_layers"):
-        layers = getattr(inner, attr, None)
-        if isinstance(layers, (torch.nn.ModuleList, torch.nn.ModuleDict)):
-            return layers
-    raise ShipyardError(f"{type(model).__name__}: cannot find its decoder layer list (looked for layers, h, blocks)")
 
 
 # Selective activation checkpointing keeps what is expensive to recompute (matmuls, attention) and

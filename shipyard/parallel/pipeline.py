@@ -16,7 +16,6 @@ A model whose own forward is already pipeline-aware sets `_pp_keeps_forward`.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import types
 
@@ -30,12 +29,11 @@ from shipyard.config import ParallelConfig
 from shipyard.data.chat import IGNORE_INDEX
 from shipyard.data.loader import supervised_tokens
 from shipyard.errors import ShipyardError
-from shipyard.export.hf import clean_name, tied_aliases
-from shipyard.parallel.fsdp import decoder_layers
-from shipyard.parallel.topology import Topology
+from shipyard.models.logits import chunked_cross_entropy, logit_transform
+from shipyard.models.structure import clean_name, decoder_layers, shallow_copy, tied_aliases
 from shipyard.models.vision import is_vision_language
+from shipyard.parallel.topology import Topology
 from shipyard.parallel.vlm_stages import build_vlm_stage, multimodal_positions, validate_vlm
-from shipyard.train.loss import _logit_transform, chunked_cross_entropy
 
 ALTERNATIVES = "use data parallelism instead (parallel.pp=1 with FSDP2, activation checkpointing to save memory)"
 
@@ -125,15 +123,6 @@ def stage_layer_ids(n_layers: int, n_stages: int, split: list[int] | None) -> li
 # ------------------------------------------------------------------ stage modules
 
 
-def _shallow_copy(module: nn.Module) -> nn.Module:
-    """A new module object sharing submodules and parameters, with its own registries and hook tables."""
-    clone = copy.copy(module)
-    for key, value in module.__dict__.items():
-        if isinstance(value, dict):
-            clone.__dict__[key] = type(value)(value)
-    return clone
-
-
 def build_stage(model: nn.Module, layer_ids: list[int], first: bool, last: bool, blank_image: dict | None = None
                 ) -> nn.Module:
     """A stage: a shallow copy of `model` holding only its parts; submodules are shared, not copied.
@@ -145,8 +134,8 @@ def build_stage(model: nn.Module, layer_ids: list[int], first: bool, last: bool,
     """
     if is_vision_language(model.config):
         return build_vlm_stage(model, layer_ids, first, last, blank_image)
-    stage = _shallow_copy(model)
-    inner = _shallow_copy(model.get_decoder())
+    stage = shallow_copy(model)
+    inner = shallow_copy(model.get_decoder())
     layers = decoder_layers(model)
     inner.layers = nn.ModuleDict({str(i): layers[i] for i in layer_ids})
     holds_tied = ties_embeddings(model) and (first or last)
@@ -256,7 +245,7 @@ class PipelineRunner:
         head = next((getattr(p, "lm_head", None) or p.get_output_embeddings() for p, s in zip(parts, stage_ids)
                      if s == n_stages - 1), None)
         self._head = head
-        self._transform = _logit_transform(parts[-1].config.get_text_config())
+        self._transform = logit_transform(parts[-1].config.get_text_config())
         self._tied = next((p.get_input_embeddings().weight for p in parts if ties_embeddings(p)), None)
         # The gradient norm counts the tied weight once, on the first stage; the last stage's copy is the same.
         self.held_elsewhere = frozenset({id(self._tied)} if self._tied is not None and not self.has_first else ())

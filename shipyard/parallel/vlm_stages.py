@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from shipyard.errors import ShipyardError
+from shipyard.models.structure import shallow_copy
 from shipyard.models.vision import projector_prefixes, vision_on_blank_image, vision_tower
 
 
@@ -50,11 +51,9 @@ def _path_to(model: nn.Module, target: nn.Module) -> list[str]:
 
 def _copy_path(root: nn.Module, path: list[str]) -> nn.Module:
     """Shallow-copy every module along `path` below `root` (a copy itself); returns the copy of the last one."""
-    from shipyard.parallel.pipeline import _shallow_copy  # pipeline.py imports this module
-
     node = root
     for name in path:
-        child = _shallow_copy(getattr(node, name))
+        child = shallow_copy(getattr(node, name))
         setattr(node, name, child)
         node = child
     return node
@@ -78,9 +77,7 @@ def validate_vlm(model: nn.Module, first_stage_layers: int) -> None:
 
 def build_vlm_stage(model: nn.Module, layer_ids: list[int], first: bool, last: bool, blank_image: dict | None
                     ) -> nn.Module:
-    from shipyard.parallel.pipeline import _shallow_copy
-
-    stage = _shallow_copy(model)
+    stage = shallow_copy(model)
     decoder_path = _path_to(model, model.get_decoder())
     decoder = _copy_path(stage, decoder_path)
     decoder.layers = KeyedLayers({str(i): model.get_decoder().layers[i] for i in layer_ids})

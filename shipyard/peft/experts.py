@@ -30,7 +30,7 @@ import math
 import torch
 from torch import nn
 
-from shipyard.export.hf import clean_name
+from shipyard.models.structure import clean_name
 
 
 def expert_weights(model: nn.Module) -> list[str]:

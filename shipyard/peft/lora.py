@@ -32,7 +32,7 @@ from torch import nn
 
 from shipyard.config import LoraConfig
 from shipyard.errors import ShipyardError, did_you_mean
-from shipyard.export.hf import clean_name
+from shipyard.models.structure import clean_name
 from shipyard.models.vision import is_vision_language, parameter_groups
 from shipyard.peft.experts import (
     add_expert_adapters,

@@ -8,7 +8,8 @@ import shutil
 from pathlib import Path
 
 from shipyard.config import Recipe
-from shipyard.export.hf import ModelMeta, clean_name, tied_aliases, write_hf_metadata, write_weights
+from shipyard.models.save import ModelMeta, write_hf_metadata, write_weights
+from shipyard.models.structure import clean_name, tied_aliases
 from shipyard.fsutil import publish
 from shipyard.parallel.dist import DistInfo, barrier
 from shipyard.peft.experts import is_transposed

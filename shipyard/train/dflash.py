@@ -21,14 +21,17 @@ from shipyard.data.dataset import build_datasets, count_targets, describe_source
 from shipyard.data.images import media_encoder
 from shipyard.data.loader import eval_batches
 from shipyard.errors import ShipyardError
-from shipyard.export.hf import ModelMeta
 from shipyard.models import dflash
 from shipyard.models.load import load, load_processor
+from shipyard.models.logits import chunked_cross_entropy
+from shipyard.models.save import ModelMeta
+from shipyard.models.structure import decoder_layers, final_norm_of
 from shipyard.models.vision import vision_on_blank_image
 from shipyard.parallel.dist import DistInfo, all_reduce_sum
-from shipyard.parallel.fsdp import apply_parallelism, decoder_layers, use_fsdp
+from shipyard.parallel.fsdp import apply_parallelism, use_fsdp
 from shipyard.parallel.topology import Topology, build_topology
-from shipyard.train.loss import _greedy, answer_spans, chunked_cross_entropy, replay_drafts
+from shipyard.speculative.acceptance import (acceptance_per_position, answer_spans, block_table, greedy_tokens,
+                                             mean_acceptance_length, perfect_table, replay_drafts)
 from shipyard.train.precision import autocast_for, bf16_enabled
 from shipyard.train.task import Setup, Task
 from shipyard.verify.probe import make_probe
@@ -41,8 +44,6 @@ def target_features(target: torch.nn.Module, layer_ids: list[int]):
     Read where the next layer (or the final norm) receives it, as vLLM's aux hidden states are: a model that adds
     to the hidden state between layers (Qwen3-VL's deepstack visual features after its first layers) has added it.
     """
-    from shipyard.models.mtp import final_norm_of
-
     layers = decoder_layers(target)
     captured: dict[int, torch.Tensor] = {}
     handles = []
@@ -177,26 +178,20 @@ class DFlashRunner:
                     loss += float(self.weights[k] * chunked_cross_entropy(states[keep, k], head.weight,
                                                                           targets[keep, k], 4096, head.bias))
             weight += float((valid * self.weights.to(valid.device)).sum())
-            drafted = _greedy(self.target, states)  # [N, B]: slot k's token for position anchor + k
-            greedy = _greedy(self.target, final).tolist()  # greedy[r][t]: the target's token for t + 1
+            drafted = greedy_tokens(self.target, states)  # [N, B]: slot k's token for position anchor + k
+            greedy = greedy_tokens(self.target, final).tolist()  # greedy[r][t]: the target's token for t + 1
             for r, labels in enumerate(batch["labels"].tolist()):
                 mine = (rows == r).nonzero().squeeze(1)
                 by_anchor = {int(anchors[i]): drafted[i].tolist() for i in mine}
                 correct = [-1] + greedy[r]
                 for start, end in answer_spans(labels):
-                    # drafted[j-1][m-1]: depth j's token for position m + j, from the block anchored at m
-                    table = [[by_anchor.get(m, [-1] * self.block)[j] for m in range(1, len(labels) + 1)]
-                             for j in range(1, self.block)]
+                    table = block_table(by_anchor, self.block, len(labels))
                     drafts += replay_drafts(table, correct, start, end, accepted)
-                    ceiling_drafts += replay_drafts([[correct[m + j] if m + j < len(correct) else -1 for m in range(1, len(labels) + 1)]
-                                   for j in range(1, self.block)], correct, start, end, ceiling_accepted)
+                    ceiling_drafts += replay_drafts(perfect_table(correct, self.block - 1, len(labels)), correct,
+                                                    start, end, ceiling_accepted)
         self.drafter.train()
         return {"loss": loss, "weight": weight, "accepted": accepted, "drafts": drafts,
                 "ceiling_accepted": ceiling_accepted, "ceiling_drafts": ceiling_drafts}
-
-
-def tau(accepted: list[int], drafts: int) -> float:
-    return 1 + sum(accepted) / max(drafts, 1)
 
 
 class DFlashTask(Task):
@@ -284,9 +279,9 @@ class DFlashTask(Task):
         ceiling = [all_reduce_sum(a, device) for a in raw["ceiling_accepted"]]
         ceiling_drafts = all_reduce_sum(raw["ceiling_drafts"], device)
         return {"loss": all_reduce_sum(raw["loss"], device) / max(all_reduce_sum(raw["weight"], device), 1e-9),
-                "mean_acceptance_length": tau(accepted, drafts),
-                "ceiling_mean_acceptance_length": tau(ceiling, ceiling_drafts),
-                "acceptance_per_position": [a / max(drafts, 1) for a in accepted], "drafts": drafts}
+                "mean_acceptance_length": mean_acceptance_length(accepted, drafts),
+                "ceiling_mean_acceptance_length": mean_acceptance_length(ceiling, ceiling_drafts),
+                "acceptance_per_position": acceptance_per_position(accepted, drafts), "drafts": drafts}
 
     def logged(self, figures: dict) -> dict:
         return {"eval/loss": figures["loss"], "eval/tau": figures["mean_acceptance_length"]}

@@ -4,7 +4,7 @@ The Hugging Face forward runs unchanged (so FSDP2's root hooks, compile and
 activation checkpointing behave as usual), except that a forward pre-hook on
 the LM head captures the final hidden states and hands the head an empty
 slice. The loss then projects only supervised positions, a chunk at a time,
-recomputing each chunk's logits in backward instead of storing them: peak
+recomputing each chunk's logits in backward instead of storing them (models/logits.py): peak
 logits memory is `chunk_size × vocab` instead of `batch × seq × vocab` in fp32.
 
 The function returns the *sum* of token losses and the token count; the
@@ -18,10 +18,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from shipyard.data.chat import IGNORE_INDEX
+from shipyard.data.parts import IGNORE_INDEX
+from shipyard.models.logits import chunked_cross_entropy, logit_transform
+from shipyard.models.mtp import mtp_outputs
+from shipyard.models.structure import final_norm_of
+from shipyard.models.vision import vision_on_blank_image
+from shipyard.speculative.acceptance import mtp_acceptance
 
 
 @contextmanager
@@ -39,42 +42,6 @@ def capture_lm_head_input(model: torch.nn.Module):
         yield captured
     finally:
         handle.remove()
-
-
-def _logit_transform(config) -> tuple[float | None, float | None]:
-    """(scale, softcap) that some architectures apply to logits (Cohere, Gemma 2/3)."""
-    scale = getattr(config, "logit_scale", None)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return scale, softcap
-
-
-def _chunk_loss(hidden, weight, bias, targets, scale, softcap) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()
-    if scale is not None:
-        logits = logits * scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return F.cross_entropy(logits, targets, reduction="sum")
-
-
-def chunked_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    chunk_size: int,
-    bias: torch.Tensor | None = None,
-    scale: float | None = None,
-    softcap: float | None = None,
-) -> torch.Tensor:
-    """Sum of CE over rows of `hidden` [N, H] against `targets` [N]; logits exist one chunk at a time."""
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, h, weight, bias, t, scale, softcap, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(h, weight, bias, t, scale, softcap)
-    return total
 
 
 @torch.no_grad()
@@ -101,10 +68,9 @@ def isolates_packed_documents(model: torch.nn.Module, vocab_size: int) -> bool:
 _NOT_INPUTS = ("labels", "attention_mask", "position_ids")
 
 
-def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], blank_image, pre_norm: bool = False) -> dict[str, torch.Tensor]:
+def forward_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor], blank_image, pre_norm: bool = False
+                   ) -> dict[str, torch.Tensor]:
     """Run the model; returns the LM head's input ("hidden") and, with `pre_norm`, the final norm's ("pre_norm")."""
-    from shipyard.models.vision import vision_on_blank_image
-
     inputs = {k: v for k, v in batch.items() if k not in _NOT_INPUTS}
     with capture_lm_head_input(model) as captured, capture_final_norm_input(model, pre_norm) as pre, \
             vision_on_blank_image(model, blank_image, active="pixel_values" not in batch):
@@ -131,8 +97,6 @@ def capture_final_norm_input(model: torch.nn.Module, active: bool):
     if not active:
         yield captured
         return
-    from shipyard.models.mtp import final_norm_of
-
     handle = final_norm_of(model).register_forward_pre_hook(lambda _m, args: captured.__setitem__("pre_norm", args[0]))
     try:
         yield captured
@@ -144,7 +108,7 @@ def _supervised_loss(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_s
     """Sum of CE of `hidden` [B, T, H] against `targets` [B, T] over supervised positions, and their count."""
     keep = targets != IGNORE_INDEX
     head = model.get_output_embeddings()
-    scale, softcap = _logit_transform(model.config.get_text_config())
+    scale, softcap = logit_transform(model.config.get_text_config())
     loss = chunked_cross_entropy(hidden[keep], head.weight, targets[keep], chunk_size, head.bias, scale, softcap)
     return loss, int(keep.sum())
 
@@ -156,7 +120,7 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk
     Image inputs in the batch (pixel_values, image_grid_thw, mm_token_type_ids...) go to the model as they are;
     a vision-language model given a batch without images runs its vision tower on `blank_image` instead
     (see models/vision.py: every rank runs the same modules)."""
-    captured = _forward(model, batch, blank_image)
+    captured = forward_hidden(model, batch, blank_image)
     loss, count = _supervised_loss(model, captured["hidden"][:, :-1], batch["labels"][:, 1:], chunk_size)
     return with_side_losses(model, loss, captured), count
 
@@ -172,12 +136,10 @@ class MTPLosses:
 def mtp_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int, acceptance: bool = False) -> MTPLosses:
     """The base's loss and each MTP depth's, from one forward of the base (models/mtp.py describes the head).
 
-    With `acceptance`, also counts the offline acceptance serving would see (`_acceptance`): drafts are accepted
-    while they equal the base's greedy tokens, counted only inside the answers.
+    With `acceptance`, also counts the offline acceptance serving would see (speculative/acceptance.py): drafts are
+    accepted while they equal the base's greedy tokens, counted only inside the answers.
     """
-    from shipyard.models.mtp import mtp_outputs
-
-    captured = _forward(model, batch, None, pre_norm=True)
+    captured = forward_hidden(model, batch, None, pre_norm=True)
     labels = batch["labels"]
     main, _ = _supervised_loss(model, captured["hidden"][:, :-1], labels[:, 1:], chunk_size)
     main = with_side_losses(model, main, captured)
@@ -190,64 +152,5 @@ def mtp_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
     result = MTPLosses(main, depths)
     if acceptance:
         with torch.no_grad():
-            result.accepted, result.drafts = _acceptance(model, captured["hidden"], outputs, labels)
+            result.accepted, result.drafts = mtp_acceptance(model, captured["hidden"], outputs, labels)
     return result
-
-
-def _greedy(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Argmax token of the LM head at every row of `hidden` [B, T, H] (logit transforms do not move an argmax)."""
-    head = model.get_output_embeddings()
-    return torch.stack([F.linear(row, head.weight, head.bias).argmax(-1) for row in hidden])
-
-
-def replay_drafts(drafted: list[list[int]], correct: list[int], start: int, end: int, accepted: list[int],
-                  reach: int | None = None) -> int:
-    """Replay serving's decoding loop over the answer at positions start..end; returns how many drafts were made.
-
-    After the step that produced token m (the first comes from the prompt), depth j drafts the token at m + j
-    from position m - 1 (`drafted[j - 1][m - 1]`). Drafts are accepted while they equal `correct` (the token at
-    each position), and only inside the answer (`accepted[j - 1]` counts depth j's); the next step starts after
-    the accepted drafts and the target's own token. `reach` > end also counts drafts accepted past the answer's
-    end (against `correct`'s continuation there), as vLLM's raw counters do.
-    """
-    reach = end if reach is None else reach
-    drafts, m = 0, start
-    while m < end:
-        drafts += 1
-        ok = 0
-        for j in range(1, len(drafted) + 1):
-            if m + j > reach or m - 1 >= len(drafted[j - 1]) or drafted[j - 1][m - 1] != correct[m + j]:
-                break
-            ok += 1
-        for j in range(ok):
-            accepted[j] += 1
-        m += ok + 1
-    return drafts
-
-
-def _acceptance(model, hidden, outputs, labels) -> tuple[list[int], int]:
-    """Offline acceptance over each answer (a run of supervised labels), the base's greedy tokens as correct:
-    where the base reproduces the answers, this is what vLLM counts (verify/speculative.py replays those)."""
-    base = _greedy(model, hidden[:, :-1]).tolist()  # base[b][t]: the base's greedy token for position t + 1
-    drafted = [_greedy(model, out).tolist() for out in outputs]  # drafted[j-1][b][t]: depth j's token t + j + 1
-    accepted, drafts = [0] * len(outputs), 0
-    for b, row in enumerate(labels.tolist()):
-        correct = [-1] + base[b]
-        for start, end in answer_spans(row):
-            drafts += replay_drafts([d[b] for d in drafted], correct, max(start, 1), end, accepted)
-    return accepted, drafts
-
-
-def answer_spans(labels: list[int]) -> list[tuple[int, int]]:
-    """(first, last) positions of each run of supervised labels: the answers."""
-    spans, t = [], 0
-    while t < len(labels):
-        if labels[t] == IGNORE_INDEX:
-            t += 1
-            continue
-        end = t
-        while end + 1 < len(labels) and labels[end + 1] != IGNORE_INDEX:
-            end += 1
-        spans.append((t, end))
-        t = end + 1
-    return spans

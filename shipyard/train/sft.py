@@ -15,15 +15,15 @@ from pathlib import Path
 
 from shipyard.checkpoint.base_weights import base_weights_for, fill
 from shipyard.checkpoint.store import fingerprint
-from shipyard.checkpoint.weights import DirectoryWeights
+from shipyard.models.weights import DirectoryWeights
 from shipyard.config import Recipe
 from shipyard.data.chat import eos_token_ids
 from shipyard.data.dataset import build_datasets, count_targets, describe_sources
 from shipyard.data.images import media_encoder
 from shipyard.data.loader import eval_batches, supervised_tokens
 from shipyard.errors import ShipyardError
-from shipyard.export.hf import ModelMeta, WeightLayout
-from shipyard.export.mtp_layout import existing_mtp_layers
+from shipyard.models.save import ModelMeta, WeightLayout
+from shipyard.models.mtp_layout import existing_mtp_layers
 from shipyard.models import mtp
 from shipyard.models.load import load, load_processor
 from shipyard.models.vision import freeze

@@ -22,7 +22,7 @@ import torch
 
 from shipyard.config import Recipe
 from shipyard.data.dataset import Datasets
-from shipyard.export.hf import ModelMeta
+from shipyard.models.save import ModelMeta
 from shipyard.parallel.dist import DistInfo
 from shipyard.parallel.topology import Topology
 

@@ -15,8 +15,11 @@ from pathlib import Path
 import torch
 
 from shipyard.errors import ShipyardError
+from shipyard.hf_files import read_probe
 from shipyard.models import dflash
-from shipyard.verify.probe import read_probe
+from shipyard.models.weights import DirectoryWeights
+from shipyard.speculative.acceptance import (acceptance_per_position, block_table, greedy_tokens,
+                                             mean_acceptance_length, perfect_table, replay_drafts)
 from shipyard.verify.speculative import MAX_PROMPTS, NGRAM, SPEC_MAX_NEW_TOKENS
 
 VLLM_DTYPE = "float32"
@@ -42,8 +45,6 @@ def target_of(directory: Path, target: str | None) -> Path:
 def load_drafter(directory: Path) -> dflash.DFlashDrafter:
     """The drafter as shipyard's module, every tensor of the directory in its place (none missing, none extra)."""
     from transformers import AutoConfig
-
-    from shipyard.checkpoint.weights import DirectoryWeights
 
     config = AutoConfig.from_pretrained(directory)
     drafter = dflash.DFlashDrafter(config)
@@ -73,7 +74,6 @@ def replay(target, drafter, prompts: list[dict], answers: list[list[int]]) -> di
 
     `prompts`: each prompt's model inputs (input_ids, and pixel inputs for a vision-language target)."""
     from shipyard.train.dflash import drafter_positions, target_features
-    from shipyard.train.loss import _greedy, replay_drafts
 
     config = drafter.config
     block, ids = config.block_size, config.dflash_config["target_layer_ids"]
@@ -97,19 +97,17 @@ def replay(target, drafter, prompts: list[dict], answers: list[list[int]]) -> di
         block_ids = dflash.block_inputs(batch["input_ids"], rows, anchors, block, mask_id)
         states = drafter(features, target.get_input_embeddings()(block_ids), anchors, rows,
                          drafter_positions(target, batch))
-        drafted = _greedy(target, states).tolist()  # drafted[i][k]: slot k of the block anchored at anchors[i]
-        by_anchor = dict(zip(anchors.tolist(), drafted))
-        span = range(1, len(tokens) + 1)
-        table = [[by_anchor.get(m, [-1] * block)[j] for m in span] for j in range(1, block)]
-        perfect = [[tokens[m + j] if m + j < len(tokens) else -1 for m in span] for j in range(1, block)]
+        drafted = greedy_tokens(target, states).tolist()  # drafted[i][k]: slot k of the block anchored at anchors[i]
+        table = block_table(dict(zip(anchors.tolist(), drafted)), block, len(tokens))
+        perfect = perfect_table(tokens, block - 1, len(tokens))
         drafts += replay_drafts(table, tokens, start, len(tokens) - 1, accepted)
         replay_drafts(table, tokens + beyond, start, len(tokens) - 1, raw_accepted, reach=len(tokens) - 1 + block)
         ceiling_drafts += replay_drafts(perfect, tokens, start, len(tokens) - 1, ceiling_accepted)
     return {
-        "mean_acceptance_length": 1 + sum(accepted) / max(drafts, 1),
-        "acceptance_per_position": [a / max(drafts, 1) for a in accepted],
+        "mean_acceptance_length": mean_acceptance_length(accepted, drafts),
+        "acceptance_per_position": acceptance_per_position(accepted, drafts),
         "drafts": drafts,
-        "ceiling_mean_acceptance_length": 1 + sum(ceiling_accepted) / max(ceiling_drafts, 1),
+        "ceiling_mean_acceptance_length": mean_acceptance_length(ceiling_accepted, ceiling_drafts),
         # Counted as vLLM's raw counters count (late drafts included): equal to them when vLLM drafts what
         # shipyard's drafter drafts.
         "replayed_raw_accepted_per_position": raw_accepted,

@@ -32,11 +32,12 @@ from shipyard.data.audio import AudioEncoder
 from shipyard.data.images import ImageEncoder, media_of
 from shipyard.data.messages import Record, RecordError, text_of
 from shipyard.errors import ShipyardError
+from shipyard.hf_files import read_probe
 from shipyard.peft.adapter_dir import ADAPTER_CONFIG, is_adapter_dir, resolve_base_dir
 from shipyard.verify.hf_greedy import greedy, load_for_verify, prompt_inputs
 from shipyard.models import mtp
 from shipyard.verify import speculative
-from shipyard.verify.probe import BUILTIN_DIALOG, BUILTIN_PROMPTS, read_probe, render_for_probe
+from shipyard.verify.probe import BUILTIN_DIALOG, BUILTIN_PROMPTS, render_for_probe
 
 VLLM_TIMEOUT_S = 900
 # Largest |logprob(transformers) - logprob(vLLM)| of a chosen token accepted for the dtype vLLM ran in. Two

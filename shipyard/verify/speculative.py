@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 
 from shipyard.models import mtp
+from shipyard.models.mtp_layout import existing_mtp_layers, style_for
+from shipyard.speculative.acceptance import acceptance_per_position, mtp_drafts, replay_drafts
+from shipyard.train.loss import forward_hidden
 
 SPEC_MAX_NEW_TOKENS = 64
 MAX_PROMPTS = 200
@@ -24,8 +27,6 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3,
 
 
 def mtp_layers_in(model_dir: Path, config) -> int:
-    from shipyard.export.mtp_layout import existing_mtp_layers
-
     if not getattr(config, "num_nextn_predict_layers", 0):
         return 0
     return existing_mtp_layers(model_dir, config)
@@ -33,7 +34,7 @@ def mtp_layers_in(model_dir: Path, config) -> int:
 
 def speculative_job(model_dir: Path, tokenizer_dir: Path, config, dialogs: list[list[dict]], layers: int,
                     max_model_len: int) -> dict:
-    style = mtp.style_for(config)
+    style = style_for(config)
     n = min(layers, style.max_served_depths)
     job = {"model": str(model_dir), "tokenizer": str(tokenizer_dir), "dialogs": dialogs,
            "max_new_tokens": SPEC_MAX_NEW_TOKENS, "max_model_len": max_model_len,
@@ -48,8 +49,6 @@ def speculative_job(model_dir: Path, tokenizer_dir: Path, config, dialogs: list[
 @torch.no_grad()
 def replay_acceptance(model, prompts: list[list[int]], answers: list[list[int]], n_spec: int) -> dict:
     """Acceptance per draft position, counted only inside each answer, by replaying vLLM's greedy answers."""
-    from shipyard.train.loss import _forward, _greedy, replay_drafts
-
     model.eval()
     device = next(model.parameters()).device
     accepted, drafts = [0] * n_spec, 0
@@ -58,12 +57,12 @@ def replay_acceptance(model, prompts: list[list[int]], answers: list[list[int]],
             continue
         x = torch.tensor([prompt + answer], device=device)
         ones = torch.ones_like(x)
-        captured = _forward(model, {"input_ids": x, "attention_mask": ones}, None, pre_norm=True)
+        captured = forward_hidden(model, {"input_ids": x, "attention_mask": ones}, None, pre_norm=True)
         outs = mtp.mtp_outputs(model, captured.get("pre_norm"), captured["hidden"], x, ones)
-        drafted = [_greedy(model, o)[0].tolist() for o in outs[:n_spec]]  # drafted[j-1][t]: token t + j + 1
+        drafted = [d[0] for d in mtp_drafts(model, outs[:n_spec])]  # drafted[j-1][t]: token t + j + 1
         tokens = x[0].tolist()
         drafts += replay_drafts(drafted, tokens, len(prompt), len(tokens) - 1, accepted)
-    per_position = [a / max(drafts, 1) for a in accepted]
+    per_position = acceptance_per_position(accepted, drafts)
     return {"drafts": drafts, "acceptance_per_position": per_position, "mean_acceptance_length": 1 + sum(per_position)}
 
 

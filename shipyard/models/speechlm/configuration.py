@@ -6,8 +6,9 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from shipyard.data.parts import AUDIO_TOKEN
+
 MODEL_TYPE = "shipyard_speechlm"
-AUDIO_TOKEN = "<|audio|>"
 # vLLM picks the serving class by this name; a hybrid (Mamba + attention) backbone needs vLLM's hybrid cache
 # manager, so it is a different architecture name (as in NeMo's speech-LM plugin).
 ARCHITECTURE = "ShipyardSpeechLMForConditionalGeneration"

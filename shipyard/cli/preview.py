@@ -2,7 +2,8 @@
 
 It runs the same code as training (the recipe's tokenizer with its template
 defaults, `build_datasets` with the recipe's settings and skip rules), so what
-it shows is what a run trains on: mask bugs are invisible in loss curves.
+it shows is what a run trains on: mask bugs are invisible in loss curves. It loads tokenizers and processors
+(transformers), so `cli/data.py` imports it inside its run functions only.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Where each MTP tensor lives in a served checkpoint, per family, and back.
+"""How vLLM serves each family's MTP head (`MTPStyle`), where each MTP tensor lives in a served checkpoint,
+and back.
 
 shipyard keeps MTP weights as `mtp.layers.{i}.{enorm,hnorm,eh_proj,final_norm,block.*}` (models/mtp.py) in
 checkpoints. An export writes them where vLLM's loader for the base's family reads them:
@@ -17,11 +18,43 @@ The mapping is a function of names, so the same table reads a base's existing he
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from shipyard.models.mtp import PREFIX, MTPStyle, style_for
+from shipyard.errors import ShipyardError
+from shipyard.models.weights import DirectoryWeights
+
+PREFIX = "mtp.layers."
+
+
+@dataclass(frozen=True)
+class MTPStyle:
+    layout: str  # export layout: "mimo", "deepseek" (GLM-4.5 and DeepSeek-V3), "nemotron_h", or "shipyard"
+    hidden_in: str  # the base hidden state depth 1 reads: "pre_norm" (before the final norm) or "post_norm"
+    chain: str  # what depth k hands to depth k+1: its output "pre_norm" or "post_norm" (after its final norm)
+    zero_first_embedding: bool  # the embedding at position 0 is zeroed (vLLM's MiMo/DeepSeek/GLM MTP do this)
+    architecture: str | None  # the architecture vLLM serves the base + MTP under; None: vLLM has no MTP for it
+    max_served_depths: int = 64  # drafted tokens vLLM's MTP model for this family can make per step
+
+
+# Per model_type. Each checked against vLLM's model code: mimo_mtp.py (MiMo returns the pre-norm hidden state and
+# concatenates [hidden, embedding]), deepseek_mtp.py / glm4_moe_mtp.py (post-norm input, [embedding, hidden],
+# pre-norm output chained), nemotron_h_mtp.py (post-norm input, no zeroing at position 0, one MTP step).
+STYLES = {
+    "qwen2": MTPStyle("mimo", "pre_norm", "post_norm", True, "MiMoForCausalLM", max_served_depths=1),
+    "mimo": MTPStyle("mimo", "pre_norm", "post_norm", True, "MiMoForCausalLM", max_served_depths=1),
+    "glm4_moe": MTPStyle("deepseek", "post_norm", "pre_norm", True, "Glm4MoeForCausalLM"),
+    "deepseek_v3": MTPStyle("deepseek", "post_norm", "pre_norm", True, "DeepseekV3ForCausalLM"),
+    "nemotron_h": MTPStyle("nemotron_h", "post_norm", "post_norm", False, "NemotronHForCausalLM", max_served_depths=1),
+}
+SHIPYARD_STYLE = MTPStyle("shipyard", "post_norm", "pre_norm", True, None)
+
+
+def style_for(config) -> MTPStyle:
+    return STYLES.get(config.get_text_config().model_type, SHIPYARD_STYLE)
+
 
 _PART = re.compile(r"^mtp\.layers\.(\d+)\.(.+)$")
 _RENAMES = {
@@ -171,10 +204,7 @@ def _served_names_of_head(config, head_state_names: list[str]) -> dict[str, str]
     return out
 
 
-def _weights_of(base_dir: Path):
-    from shipyard.checkpoint.weights import DirectoryWeights
-    from shipyard.errors import ShipyardError
-
+def _weights_of(base_dir: Path) -> DirectoryWeights | None:
     try:
         return DirectoryWeights(base_dir)
     except ShipyardError:

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from shipyard.errors import ShipyardError
-from shipyard.export.hf import INDEX_FILE, MTP_SIDE_FILE, SINGLE_FILE
+from shipyard.hf_files import INDEX_FILE, MTP_SIDE_FILE, SINGLE_FILE
 
 
 def _no_dist() -> bool:
@@ -69,7 +69,7 @@ class DirectoryWeights:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         else:
             files = [SINGLE_FILE]
-        if (self.directory / MTP_SIDE_FILE).is_file():  # an MTP head kept out of the index (export/hf.py)
+        if (self.directory / MTP_SIDE_FILE).is_file():  # an MTP head kept out of the index (hf_files.py)
             files.append(MTP_SIDE_FILE)
         for filename in files:
             path = self.directory / filename

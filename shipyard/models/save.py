@@ -1,4 +1,4 @@
-"""Write Hugging Face directories that load unchanged in transformers and vLLM.
+"""Write Hugging Face directories that load unchanged in transformers and vLLM (models/load.py reads them).
 
 One writer for every place shipyard produces model files (checkpoint saves,
 `shipyard export`, consolidation), so every output gets the same fixes for the
@@ -30,13 +30,10 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from shipyard.data.chat import eos_token_ids
 from shipyard.errors import ShipyardError
-from shipyard.verify.probe import write_probe
+from shipyard.hf_files import INDEX_FILE, MTP_SIDE_FILE, SINGLE_FILE, write_probe
+from shipyard.models.mtp_layout import STYLES
+from shipyard.models.speechlm import ARCHITECTURE, HYBRID_ARCHITECTURE
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-# An MTP head for a family vLLM has no MTP model for: kept beside the model, out of the index, because vLLM and
-# transformers load only the files the index names (vLLM refuses unknown `mtp.*` tensors).
-MTP_SIDE_FILE = "mtp.safetensors"
 MAX_SHARD_BYTES = 5 * 1024**3
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
@@ -143,35 +140,6 @@ def dominant_dtype(shapes: dict[str, tuple[torch.Size, torch.dtype]]) -> torch.d
     for shape, dtype in shapes.values():
         counts[dtype] = counts.get(dtype, 0) + shape.numel()
     return max(counts, key=counts.get)
-
-
-def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
-    """{alias: canonical} for parameters that share storage, e.g. {"lm_head.weight": "model.embed_tokens.weight"}.
-
-    Read from the live module (the same Parameter object under two names), not
-    from `tie_word_embeddings`: a config can claim tying that the weights do not
-    have, and the other way round.
-    """
-    by_id: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(param), []).append(clean_name(name))
-    declared = set(getattr(model, "all_tied_weights_keys", None) or {})
-    aliases = {}
-    for names in by_id.values():
-        if len(names) < 2:
-            continue
-        # Keep the name transformers expects on load: the source of the declared tie (the embedding).
-        keep = next((n for n in names if n not in declared), sorted(names)[0])
-        aliases.update({n: keep for n in names if n != keep})
-    return aliases
-
-
-_WRAPPER_PREFIXES = re.compile(r"(_orig_mod\.|_checkpoint_wrapped_module\.|_fsdp_wrapped_module\.)")
-
-
-def clean_name(name: str) -> str:
-    """Drop the wrapper prefixes torch.compile and activation checkpointing add to module paths."""
-    return _WRAPPER_PREFIXES.sub("", name)
 
 
 # ----------------------------------------------------------------- metadata files
@@ -315,12 +283,8 @@ def check_exportable(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBas
     if not eos_token_ids(tokenizer, None):
         raise ShipyardError(f"{where}: no EOS token: neither the tokenizer nor the chat template defines one")
     architectures = getattr(config, "architectures", None) or []
-    from shipyard.models.mtp import STYLES
-
-    # vLLM-only architectures: MiMoForCausalLM (a Qwen2 model with MTP), DFlashDraftModel (a drafter)
-    from shipyard.models.speechlm import ARCHITECTURE, HYBRID_ARCHITECTURE
-
-    # ... and the speech-LM, registered with transformers by `shipyard.models.speechlm` (served by shipyard's vLLM plugin)
+    # vLLM-only architectures: MiMoForCausalLM (a Qwen2 model with MTP), DFlashDraftModel (a drafter), and the
+    # speech-LM, registered with transformers by `shipyard.models.speechlm` (served by shipyard's vLLM plugin)
     served_mtp = {s.architecture for s in STYLES.values()} | {"DFlashDraftModel", ARCHITECTURE, HYBRID_ARCHITECTURE}
     known = any(hasattr(transformers, a) or a in served_mtp for a in architectures) or bool(getattr(config, "auto_map", None))
     if not known:
