@@ -51,7 +51,7 @@ def reference_samples(tokenizer, cfg: DataConfig, stop_ids=None):
 
 
 def as_tuples(samples):
-    return [(tuple(s.input_ids), tuple(s.labels), s.source, tuple(s.turns), tuple(s.images)) for s in samples]
+    return [(tuple(s.input_ids), tuple(s.labels), s.source, tuple(s.turns), tuple(s.media)) for s in samples]
 
 
 # ------------------------------------------------------------------ formats
@@ -321,4 +321,4 @@ def test_vision_and_speech_samples_through_the_cache_are_the_in_memory_ones(reci
         data = build_datasets(cfg.data, tok, cfg.seed, stop_ids=stop, encoder=encoder)
         assert data.cache.endswith(f"({run})")
         assert as_tuples(data.train) == as_tuples(expected) and len(expected) > 0
-        assert all(s.images for s in data.train) and data.train.num_media() == sum(len(s.images) for s in expected)
+        assert all(s.media for s in data.train) and data.train.num_media() == sum(len(s.media) for s in expected)

@@ -124,7 +124,7 @@ def test_qwen3_vl_masks_image_tokens_and_supervises_only_answers(tmp_path, qwen)
         assert all(sample.labels[i] == IGNORE_INDEX for i in positions)
         assert supervised_spans(tok, sample) == spans
         assert sample.num_targets == sum(len(tok(s, add_special_tokens=False)["input_ids"]) for s in spans)
-        assert sample.images == refs
+        assert sample.media == refs
         supervised_text = tok.decode([t for t, l in zip(sample.input_ids, sample.labels) if l != IGNORE_INDEX])
         assert not any(text in supervised_text for text in user_texts)
         assert len(sample.input_ids) == len(sample.labels)
@@ -234,7 +234,7 @@ def test_idefics3_sixteen_image_tokens_and_answer_supervised(tmp_path):
     assert positions == list(range(positions[0], positions[0] + 16))
     assert all(sample.labels[i] == IGNORE_INDEX for i in positions)
     assert supervised_spans(tok, sample) == [" red circle<end_of_utterance>"]
-    assert sample.images == (str(tmp_path / "pic.png"),)
+    assert sample.media == (str(tmp_path / "pic.png"),)
     assert tok.decode(sample.input_ids) == (
         "User:<fake_token_around_image><global-img>" + "<image>" * 16 + "<fake_token_around_image> What is it?"
         "<end_of_utterance>\nAssistant: red circle<end_of_utterance>"
@@ -321,7 +321,7 @@ def test_bad_images_are_skipped_and_counted_once_each(tmp_path):
     for i, sample in enumerate(data.train, start=1):
         assert len(image_positions(sample, encoder.image_token_id)) == 4  # 64x64
         assert supervised_spans(tok, sample) == [f"answer {i}<|im_end|>"]
-        assert sample.images == (str(tmp_path / "imgs" / "ok.png"),)
+        assert sample.media == (str(tmp_path / "imgs" / "ok.png"),)
     assert data.validation == [] and data.truncated == 0
     assert data.turns_report() == {"supervised": 4}
 
@@ -341,7 +341,7 @@ def test_truncation_never_cuts_an_image(tmp_path, qwen):
     assert fit_length(sample, pos[1], "truncate", encoder) == "overlength_cuts_image"
     assert fit_length(sample, pos[-1], "truncate", encoder) == "overlength_cuts_image"
     cut = fit_length(sample, pos[-1] + 1, "truncate", encoder)  # every image token kept; a2 cut off
-    assert len(cut.input_ids) == pos[-1] + 1 and cut.num_targets == 3 and cut.images == sample.images
+    assert len(cut.input_ids) == pos[-1] + 1 and cut.num_targets == 3 and cut.media == sample.media
     assert fit_length(sample, len(sample.input_ids) - 1, "drop", encoder) == "overlength"
 
 
@@ -384,7 +384,7 @@ def test_drop_images_trains_the_text_alone(tokenizer, tmp_path):
     ]
     assert [supervised_spans(tokenizer, s) for s in data.train] == [["red circle<|im_end|>"], ["2<|im_end|>"]]
     for sample in data.train:
-        assert sample.images == ()
+        assert sample.media == ()
         text = tokenizer.decode(sample.input_ids)
         assert IMAGE_PAD not in text and "<|vision_start|>" not in text and "data:image" not in text
     assert all(isinstance(m["content"], str) for r in data.train_records for m in r.messages)

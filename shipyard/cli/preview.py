@@ -38,7 +38,7 @@ def preview_datasets(recipe: Recipe, limit: int | None):
 
 def sample_json(sample: Sample) -> str:
     return json.dumps({"source": sample.source, "turns": list(sample.turns), "input_ids": sample.input_ids,
-                       "labels": sample.labels, "images": [describe(r) for r in sample.images]})
+                       "labels": sample.labels, "images": [describe(r) for r in sample.media]})
 
 
 _REPEATED_TOKEN = re.compile(r"(<[^<>\s]{1,40}>)\1{2,}")
@@ -102,8 +102,8 @@ def print_preview(tokenizer, recipe: Recipe, data: Datasets, limit: int, stream:
     for n, sample in enumerate(data.train, start=1):
         print(f"\n--- sample {n}: {sample.source}, assistant turns {list(sample.turns)}, "
               f"{len(sample.input_ids)} tokens, {sample.num_targets} supervised"
-              + (f", {media_label(sample.images)}: {', '.join(describe(r) for r in sample.images)}"
-                 if sample.images else ""), file=stream)
+              + (f", {media_label(sample.media)}: {', '.join(describe(r) for r in sample.media)}"
+                 if sample.media else ""), file=stream)
         print(highlighted(tokenizer, sample, marks), file=stream)
         if recipe.draft is not None:
             print(drafter_blocks(tokenizer, sample, recipe.draft), file=stream)

@@ -149,7 +149,7 @@ class AudioEncoder:
         rows = []
         for s in samples:
             transcript = [t for t in s.labels if t != IGNORE_INDEX and t not in self._not_transcript]
-            rows.extend([transcript if len(s.images) == 1 else []] * len(s.images))
+            rows.extend([transcript if len(s.media) == 1 else []] * len(s.media))
         if not rows:
             return {}
         out = torch.full((len(rows), max(1, max(len(r) for r in rows))), IGNORE_INDEX, dtype=torch.long)

@@ -58,7 +58,7 @@ class Sample:
     labels: list[int]  # input id where supervised, IGNORE_INDEX elsewhere; not shifted
     source: str = ""  # the record's file:line
     turns: tuple[int, ...] = ()  # indices of the assistant messages this sample supervises
-    images: tuple[str, ...] = ()  # image references, in the order their tokens appear in input_ids
+    media: tuple[str, ...] = ()  # image or audio references, in the order their placeholders appear in input_ids
 
     @property
     def num_targets(self) -> int:
@@ -300,7 +300,7 @@ def tokenize_record(tokenizer: PreTrainedTokenizerBase, record: Record, multi_tu
     samples: list[Sample] = []
     if whole_ids is not None:
         samples.append(Sample(whole_ids, [IGNORE_INDEX] * len(whole_ids), record.origin,
-                              images=tuple(media_of(record.messages))))
+                              media=tuple(media_of(record.messages))))
     for i, prompt_ids, completion_ids in reversed(turns):  # the last turn's sample holds the most history
         if any(_supervise(s, prompt_ids, completion_ids, i) for s in samples):
             counts["supervised"] += 1
@@ -309,7 +309,7 @@ def tokenize_record(tokenizer: PreTrainedTokenizerBase, record: Record, multi_tu
         else:
             ids = prompt_ids + completion_ids
             samples.append(Sample(ids, [IGNORE_INDEX] * len(ids), record.origin,
-                                  images=tuple(media_of(record.messages[:i]))))
+                                  media=tuple(media_of(record.messages[:i]))))
             _supervise(samples[-1], prompt_ids, completion_ids, i)
             counts["supervised"] += 1
     samples = [s for s in reversed(samples) if s.turns]

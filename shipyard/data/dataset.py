@@ -71,7 +71,7 @@ def fit_length(sample: Sample, max_length: int, policy: str, encoder: ImageEncod
         return "overlength"
     if encoder is not None and encoder.placeholder_id in sample.input_ids[max_length:]:
         return "overlength_cuts_image"  # an image's tokens must all be there, or its features have nowhere to go
-    cut = Sample(sample.input_ids[:max_length], sample.labels[:max_length], sample.source, sample.turns, sample.images)
+    cut = Sample(sample.input_ids[:max_length], sample.labels[:max_length], sample.source, sample.turns, sample.media)
     return cut if cut.num_targets else "overlength_no_target_left"
 
 

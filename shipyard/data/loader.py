@@ -110,10 +110,10 @@ def collate(samples: list[Sample], pad_id: int, encoder: ImageEncoder | None = N
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     if encoder is not None and image_chunk_rows:
         groups = [samples[k : k + image_chunk_rows] for k in range(0, len(samples), image_chunk_rows)]
-        batch["image_chunks"] = [encoder.media_inputs([ref for s in group for ref in s.images]) for group in groups]
+        batch["image_chunks"] = [encoder.media_inputs([ref for s in group for ref in s.media]) for group in groups]
         batch.update(encoder.type_ids(input_ids))
     elif encoder is not None:
-        batch.update(encoder.media_inputs([ref for s in samples for ref in s.images]))
+        batch.update(encoder.media_inputs([ref for s in samples for ref in s.media]))
         if "pixel_values" in batch:
             batch.update(encoder.type_ids(input_ids))
         if "input_features" in batch:  # a speech-LM: its clips' transcripts, when it trains with a CTC side loss
@@ -169,7 +169,7 @@ def eval_batches(samples: list[Sample], batch_size: int, pad_id: int, dp_rank: i
     for k in range(0, per_rank, batch_size):
         chunk = mine[k : k + batch_size]
         if not chunk:
-            chunk = [Sample(samples[0].input_ids, [IGNORE_INDEX] * len(samples[0].input_ids), images=samples[0].images)]
+            chunk = [Sample(samples[0].input_ids, [IGNORE_INDEX] * len(samples[0].input_ids), media=samples[0].media)]
         yield collate(chunk, pad_id, encoder, image_chunk_rows)
 
 

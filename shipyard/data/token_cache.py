@@ -92,7 +92,7 @@ class SampleChunk:
         self.input_ids, self.labels = flat("input_ids"), flat("labels")
         self.targets = np.fromiter((s.num_targets for s in samples), np.int32, len(samples))
         self.origins = [s.source for s in samples]
-        self.extras = [json.dumps([list(s.turns), list(s.images)]) if s.turns or s.images else "" for s in samples]
+        self.extras = [json.dumps([list(s.turns), list(s.media)]) if s.turns or s.media else "" for s in samples]
         self.record = np.asarray(record, np.int64)  # each sample's record: its position in the split's rows
 
 
@@ -147,7 +147,7 @@ class SampleStore(Sequence):
         return used
 
     def num_media(self) -> int:
-        return sum(len(self[i].images) for i in range(len(self))) if self.text_offsets["extra"][-1] else 0
+        return sum(len(self[i].media) for i in range(len(self))) if self.text_offsets["extra"][-1] else 0
 
 
 # ------------------------------------------------------------------ build once, publish atomically, share
