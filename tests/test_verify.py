@@ -8,7 +8,7 @@ from shipyard import cli
 from shipyard.train.loop import train
 from shipyard.verify import run as verify_run
 from shipyard.verify.hf_greedy import load_for_verify
-from shipyard.verify.probe import read_probe
+from shipyard.models.probe_file import read_probe
 from shipyard.verify.run import eos_ids_of, template_parity
 from tests.conftest import tiny_overrides
 from tests.fixtures import edit_json

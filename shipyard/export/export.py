@@ -32,7 +32,7 @@ from shipyard.peft.adapter_dir import (
     resolve_base_dir,
     write_adapter_dir,
 )
-from shipyard.verify.probe import read_probe
+from shipyard.models.probe_file import read_probe
 from shipyard.export.hf import (
     MTP_SIDE_FILE,
     ModelMeta,

@@ -30,7 +30,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from shipyard.data.chat import eos_token_ids
 from shipyard.errors import ShipyardError
-from shipyard.verify.probe import write_probe
+from shipyard.models.probe_file import write_probe
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from shipyard.checkpoint.weights import DirectoryWeights
 from shipyard.errors import ShipyardError
 from shipyard.export.hf import write_tokenizer, write_weight_file
+from shipyard.models.probe_file import write_probe
 from shipyard.peft.experts import checkpoint_slices
 from shipyard.peft.lora import from_peft_state, merged_weight, split_adapter_state, to_peft_state
-from shipyard.verify.probe import write_probe
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

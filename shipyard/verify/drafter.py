@@ -16,7 +16,7 @@ import torch
 
 from shipyard.errors import ShipyardError
 from shipyard.models import dflash
-from shipyard.verify.probe import read_probe
+from shipyard.models.probe_file import read_probe
 from shipyard.verify.speculative import MAX_PROMPTS, NGRAM, SPEC_MAX_NEW_TOKENS
 
 VLLM_DTYPE = "float32"

@@ -1,4 +1,4 @@
-"""`shipyard_verify.json`: what training saw, kept next to the weights so `verify` can compare.
+"""`shipyard_verify.json` (models/probe_file.py): what training saw, kept next to the weights so `verify` can compare.
 
 Written into every checkpoint and export: a few prompts from the run's data
 (the prompts `verify` generates from), and a sample of training dialogs, one of
@@ -12,7 +12,6 @@ shows up as a model that never stops.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
@@ -21,7 +20,6 @@ from shipyard.data.audio import AudioEncoder
 from shipyard.data.chat import prompt_and_reference, tokenize_record
 from shipyard.data.messages import Record, shape_of
 
-PROBE_FILE = "shipyard_verify.json"
 MAX_PROMPTS = 8
 SPEECH_PROMPTS = 100
 MAX_DIALOGS = 8
@@ -142,12 +140,3 @@ def add_reference(probe: dict, model, tokenizer: PreTrainedTokenizerBase, dtype:
     finally:
         model.train(was_training)
     probe["reference"] = {"dtype": dtype, "token_ids": [t for t, _ in runs], "logprobs": [lp for _, lp in runs]}
-
-
-def write_probe(out_dir: Path, probe: dict) -> None:
-    (out_dir / PROBE_FILE).write_text(json.dumps(probe, indent=1) + "\n")
-
-
-def read_probe(directory: Path) -> dict | None:
-    path = directory / PROBE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None

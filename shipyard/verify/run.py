@@ -35,8 +35,9 @@ from shipyard.errors import ShipyardError
 from shipyard.peft.adapter_dir import ADAPTER_CONFIG, is_adapter_dir, resolve_base_dir
 from shipyard.verify.hf_greedy import greedy, load_for_verify, prompt_inputs
 from shipyard.models import mtp
+from shipyard.models.probe_file import read_probe
 from shipyard.verify import speculative
-from shipyard.verify.probe import BUILTIN_DIALOG, BUILTIN_PROMPTS, read_probe, render_for_probe
+from shipyard.verify.probe import BUILTIN_DIALOG, BUILTIN_PROMPTS, render_for_probe
 
 VLLM_TIMEOUT_S = 900
 # Largest |logprob(transformers) - logprob(vLLM)| of a chosen token accepted for the dtype vLLM ran in. Two
