@@ -17,6 +17,7 @@ import torch
 from shipyard.errors import ShipyardError
 from shipyard.models import dflash
 from shipyard.models.probe_file import read_probe
+from shipyard.verify.inputs import directory_encoder, model_len_for, served_dialog
 from shipyard.verify.speculative import MAX_PROMPTS, NGRAM, SPEC_MAX_NEW_TOKENS
 
 VLLM_DTYPE = "float32"
@@ -123,7 +124,6 @@ def prepare(directory: Path, target: str | None) -> dict:
     from shipyard.data.images import media_of
     from shipyard.models.vision import is_vision_language
     from shipyard.verify.hf_greedy import prompt_inputs
-    from shipyard.verify.run import directory_encoder, model_len_for, served_dialog
 
     directory = Path(directory)
     target_dir = target_of(directory, target)
@@ -141,7 +141,8 @@ def prepare(directory: Path, target: str | None) -> dict:
     inputs = [prompt_inputs(tokenizer, d, encoder) for d in dialogs]
     longest = max(x["input_ids"].shape[1] for x in inputs)
     block = drafter.config.block_size
-    job = {"model": str(target_dir), "tokenizer": str(target_dir), "dialogs": [served_dialog(d) for d in dialogs],
+    job = {"model": str(target_dir), "tokenizer": str(target_dir),
+           "dialogs": [served_dialog(d) for d in dialogs],
            "dtype": VLLM_DTYPE,
            "max_new_tokens": SPEC_MAX_NEW_TOKENS,
            "max_model_len": model_len_for(model, [[0] * longest], SPEC_MAX_NEW_TOKENS + block),

@@ -29,14 +29,15 @@ import transformers
 
 from shipyard.data.chat import IGNORE_INDEX, eos_token_ids, render_text
 from shipyard.data.audio import AudioEncoder
-from shipyard.data.images import ImageEncoder, media_of
+from shipyard.data.images import media_of
 from shipyard.data.messages import Record, RecordError, text_of
 from shipyard.errors import ShipyardError
 from shipyard.peft.adapter_dir import ADAPTER_CONFIG, is_adapter_dir, resolve_base_dir
 from shipyard.verify.hf_greedy import greedy, load_for_verify, prompt_inputs
 from shipyard.models import mtp
 from shipyard.models.probe_file import read_probe
-from shipyard.verify import speculative
+from shipyard.verify import drafter, speculative
+from shipyard.verify.inputs import directory_encoder, model_len_for, served_dialog
 from shipyard.verify.probe import BUILTIN_DIALOG, BUILTIN_PROMPTS, render_for_probe
 
 VLLM_TIMEOUT_S = 900
@@ -185,15 +186,6 @@ def is_moe(config) -> bool:
     return any((getattr(text, key, 0) or 0) > 1 for key in ("num_experts", "num_local_experts", "n_routed_experts"))
 
 
-def model_len_for(model, prompt_ids: list[list[int]], max_new_tokens: int) -> int:
-    """A context just long enough for the prompts (vLLM sizes its KV cache by it), within the model's limit."""
-    needed = max(len(p) for p in prompt_ids) + max_new_tokens + 16
-    if getattr(model.config, "vision_config", None) is not None:
-        needed = max(needed, 1024)  # vLLM sizes its profiling run by the largest image the processor allows
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or needed
-    return min(needed, limit)
-
-
 def compare_generations(hf: list[tuple[list[int], list[float]]], vllm: dict, hf_prompts: list[list[int]]) -> list[dict]:
     rows = []
     for (tokens, logprobs), v_tokens, v_logprobs, hf_prompt, v_prompt in zip(
@@ -213,29 +205,6 @@ def compare_generations(hf: list[tuple[list[int], list[float]]], vllm: dict, hf_
             "prompt_first_difference": first_difference(hf_prompt, v_prompt),
         })
     return rows
-
-
-def directory_encoder(model_dir: Path, model, tokenizer, trust_remote_code: bool) -> ImageEncoder | None:
-    """A multimodal directory's own processor (its saved pixel limits / audio features), wired to its tokenizer."""
-    from shipyard.data.audio import AudioEncoder
-    from shipyard.export.export import load_processor_of
-
-    processor = load_processor_of(model_dir, model.config, tokenizer, trust_remote_code)
-    if processor is None:
-        return None
-    return AudioEncoder(processor) if hasattr(processor, "audio_token_count") else ImageEncoder(processor)
-
-
-def served_dialog(dialog: list[dict]) -> list[dict]:
-    """A probe dialog as a client sends it to vLLM: images and clips as OpenAI image_url / audio_url parts
-    (data: URIs)."""
-    def part(p: dict) -> dict:
-        if p["type"] in ("image", "audio"):
-            return {"type": f"{p['type']}_url", f"{p['type']}_url": {"url": p[p["type"]]}}
-        return p
-
-    return [{**m, "content": [part(p) for p in m["content"]]} if isinstance(m["content"], list) else m
-            for m in dialog]
 
 
 @dataclass
@@ -420,8 +389,6 @@ def verify_many(
 ) -> list[dict]:
     """Verify several directories (models, adapters, DFlash drafters) with one vLLM worker process: vLLM's import
     and the worker's start are paid once. `target` is a drafter's target (default: the one it was trained for)."""
-    from shipyard.verify import drafter
-
     preps = [("drafter", drafter.prepare(d, target)) if drafter.is_drafter_dir(d)
              else ("model", prepare(d, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code))
              for d in directories]
@@ -447,8 +414,6 @@ def verify(directory: Path, target: str | None = None, **kwargs) -> dict:
 
 def format_report(report: dict) -> str:
     if report.get("kind") == "dflash_drafter":
-        from shipyard.verify import drafter
-
         return drafter.format_report(report)
     lines = [f"shipyard verify {report['dir']}"]
     if report.get("kind") == "adapter":
