@@ -64,7 +64,17 @@ def recover_publish(final: Path, partial: Path, complete) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """`path` holds the old text or all of `text` (UTF-8), never part of it: a temporary file next to it, on disk
+    before it is renamed over `path`. A write that fails (a full disk, text UTF-8 cannot encode) leaves no
+    temporary file behind."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     crash_point(f"before_replace:{path.name}")
     os.replace(tmp, path)

@@ -15,7 +15,7 @@ INDEX_FILE = "model.safetensors.index.json"
 # transformers load only the files the index names (vLLM refuses unknown `mtp.*` tensors).
 MTP_SIDE_FILE = "mtp.safetensors"
 # What training saw (prompts, training-time renderings, reference tokens), kept next to the weights so `verify`
-# can compare; verify/probe.py builds it.
+# can compare; export/probe.py builds it.
 PROBE_FILE = "shipyard_verify.json"
 
 

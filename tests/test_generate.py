@@ -11,7 +11,7 @@ import pytest
 
 from shipyard.data import synthetic
 from shipyard.errors import ShipyardError
-from shipyard.generate import read_items, write_jsonl_atomic
+from shipyard.generate import read_items, write_output
 from tests.conftest import assert_user_error, run_cli
 
 MAX_NEW_TOKENS = 24
@@ -69,13 +69,15 @@ def test_unsupported_records_are_counted_by_reason(tmp_path):
 
 def test_output_is_replaced_whole_or_not_at_all(tmp_path):
     out = tmp_path / "out.jsonl"
-    write_jsonl_atomic(out, [{"a": 1}])
+    write_output(out, [{"a": 1}])
     with pytest.raises(TypeError):
-        write_jsonl_atomic(out, [{"a": 2}, {"b": object()}])  # fails half-way through
+        write_output(out, [{"a": 2}, {"b": object()}])  # a row that is not JSON
+    with pytest.raises(UnicodeEncodeError):
+        write_output(out, [{"a": 2}, {"b": "\ud800"}])  # fails while writing: UTF-8 has no lone surrogate
     assert out.read_text() == '{"a": 1}\n' and [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
     # killed just before the rename, as a crash would: the old file is intact
-    code = ("from pathlib import Path; from shipyard.generate import write_jsonl_atomic; "
-            f"write_jsonl_atomic(Path({str(out)!r}), [{{'a': 3}}])")
+    code = ("from pathlib import Path; from shipyard.generate import write_output; "
+            f"write_output(Path({str(out)!r}), [{{'a': 3}}])")
     proc = subprocess.run([sys.executable, "-c", code],
                           env={**os.environ, "SHIPYARD_CRASH_AT": "before_replace:out.jsonl"})
     assert proc.returncode == -signal.SIGKILL and out.read_text() == '{"a": 1}\n'

@@ -7,7 +7,7 @@ import pytest
 from shipyard import cli
 from shipyard.train.loop import train
 from shipyard.verify import run as verify_run
-from shipyard.verify.hf_greedy import load_for_verify
+from shipyard.models.greedy import load_for_verify
 from shipyard.hf_files import read_probe
 from shipyard.verify.run import eos_ids_of, template_parity
 from tests.conftest import tiny_overrides

@@ -58,7 +58,7 @@ def assert_same_run(reference, run, steps: int) -> None:
 
     from shipyard.data.images import ImageEncoder
     from shipyard.data.messages import normalise_record
-    from shipyard.verify.hf_greedy import prompt_inputs
+    from shipyard.models.greedy import prompt_inputs
 
     assert_close_trajectory(losses(reference), losses(run), steps)
     want, got = (json.loads((d / "summary.json").read_text())["eval"] for d in (reference, run))
@@ -105,7 +105,7 @@ def test_lora_adapts_the_language_model_and_loads_in_peft(base, data, tmp_path):
 
     from shipyard.data.images import ImageEncoder
     from shipyard.data.messages import normalise_record
-    from shipyard.verify.hf_greedy import prompt_inputs
+    from shipyard.models.greedy import prompt_inputs
     from transformers import AutoProcessor
 
     result = train(load_recipe("quickstart_vlm", overrides(tmp_path / "lora", data, 10, f"model.path={base}",

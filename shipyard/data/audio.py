@@ -95,6 +95,7 @@ class AudioEncoder:
     of a one-clip sample the sample's supervised tokens (its transcript), special tokens left out.
     """
 
+    kind = "audio"
     type_keys: list[str] = []
 
     def __init__(self, processor, max_seconds: float = MAX_AUDIO_SECONDS, ctc: bool = False):

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_RECORDS = 1000  # records per tokenizing task: small enough for an even spread, large enough to amortise
 PARALLEL_FROM = 10_000  # records from which tokenizing uses every core by default
-PROBE_RECORDS = 100  # the first kept training records remembered for probes (see verify/probe.py)
+PROBE_RECORDS = 100  # the first kept training records remembered for probes (see export/probe.py)
 MAX_SHAPES = 8
 
 
@@ -315,7 +315,7 @@ def _write(folder: Path, cfg: DataConfig, train_job: TokenizeJob, val: ChunkResu
             f"no training samples left in {sources}: skipped {skipped.report()}, assistant turns {dict(train.turns)}. "
             'Each record needs {"messages": [...]} with at least one assistant turn the chat template can render.'
         )
-    # Probes need the first kept training dialogs and the first of each shape (verify/probe.py make_probe).
+    # Probes need the first kept training dialogs and the first of each shape (export/probe.py make_probe).
     firsts = sorted(set(train.kept) | set(sorted(train.shapes.values())[:MAX_SHAPES]))
     probe_records = []
     for position in firsts:

@@ -83,6 +83,8 @@ class ImageEncoder:
     processor itself; `media_inputs` builds the pixel tensors of a batch's images (in id order).
     """
 
+    kind = "image"
+
     def __init__(self, processor, max_image_pixels: int | None = None):
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -168,7 +170,15 @@ def apply_pixel_limits(processor, min_pixels: int | None, max_pixels: int | None
         else {**ip.size, "shortest_edge": lo, "longest_edge": hi}
 
 
-def media_encoder(processor, cfg) -> ImageEncoder | None:
+def encoder_for(processor) -> ImageEncoder | AudioEncoder | None:
+    """The media encoder of a processor as saved (a directory's own pixel limits and audio settings): an
+    AudioEncoder for a speech-LM's, an ImageEncoder for a vision-language model's, None for text models."""
+    if processor is None:
+        return None
+    return AudioEncoder(processor) if hasattr(processor, "audio_token_count") else ImageEncoder(processor)
+
+
+def media_encoder(processor, cfg) -> ImageEncoder | AudioEncoder | None:
     """The data pipeline's view of a multimodal model's processor (None for text models): an AudioEncoder for a
     speech-LM; else an ImageEncoder with the recipe's pixel limits (`cfg`: the recipe's data section) set on it."""
     if processor is None:

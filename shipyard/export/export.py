@@ -91,10 +91,9 @@ def load_meta(src: Path, trust_remote_code: bool = False) -> tuple[ModelMeta, di
 
 def load_processor_of(src: Path, config, tokenizer, trust_remote_code: bool = False):
     """A vision-language or speech directory's processor (image / audio settings), wired to the normalised tokenizer."""
-    from shipyard.models.speechlm import is_speech_lm
-    from shipyard.models.vision import is_vision_language
+    from shipyard.models.load import is_multimodal
 
-    if not (is_vision_language(config) or is_speech_lm(config)):
+    if not is_multimodal(config):
         return None
     from transformers import AutoProcessor
 

@@ -44,6 +44,16 @@ class ModelSource:
     local_dir: Path | None  # directory holding the base's files, when there is one
 
 
+def auto_model_class(config):
+    """The transformers Auto class a config loads with: image-text-to-text for vision-language models."""
+    return AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+
+
+def is_multimodal(config) -> bool:
+    """Does the model take images or audio (and so has a processor)?"""
+    return is_vision_language(config) or is_speech_lm(config)
+
+
 def resolve_source(path: str) -> ModelSource:
     local = Path(path).expanduser()
     if local.is_dir():
@@ -105,7 +115,7 @@ def load_processor(cfg: ModelConfig, source: ModelSource, tokenizer: PreTrainedT
         processor = MULTIMODAL_PRESETS[source.name]()[1]
     else:
         config = source_config(cfg, source)
-        if not (is_vision_language(config) or is_speech_lm(config)):
+        if not is_multimodal(config):
             return None
         path = str(source.local_dir or source.name)
         try:
@@ -160,7 +170,7 @@ def load_model(cfg: ModelConfig, source: ModelSource, seed: int) -> PreTrainedMo
     """The model in fp32 on CPU; parallel/ moves, shards and casts it."""
     if source.kind == "preset":
         config = source_config(cfg, source)
-        auto = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+        auto = auto_model_class(config)
         torch.manual_seed(seed)  # presets start from random weights: make them reproducible
         model = auto.from_config(config, dtype=torch.float32,
                                  attn_implementation=choose_attention(config, cfg.attn_implementation))
@@ -171,7 +181,7 @@ def load_model(cfg: ModelConfig, source: ModelSource, seed: int) -> PreTrainedMo
     try:
         path = str(source.local_dir or source.name)
         config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        auto = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+        auto = auto_model_class(config)
         model = auto.from_pretrained(
             path,
             dtype=torch.float32,
@@ -198,7 +208,7 @@ def build_empty(cfg: ModelConfig, source: ModelSource) -> PreTrainedModel:
 
     path = str(source.local_dir)
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    auto = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+    auto = auto_model_class(config)
     with init_empty_weights(include_buffers=False):
         model = auto.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
                                  attn_implementation=choose_attention(config, cfg.attn_implementation))

@@ -31,7 +31,7 @@ from shipyard.data.loader import supervised_tokens
 from shipyard.errors import ShipyardError
 from shipyard.models.logits import chunked_cross_entropy, logit_transform
 from shipyard.models.structure import clean_name, decoder_layers, shallow_copy, tied_aliases
-from shipyard.models.vision import is_vision_language
+from shipyard.models.vision import vision_tower
 from shipyard.parallel.topology import Topology
 from shipyard.parallel.vlm_stages import build_vlm_stage, multimodal_positions, validate_vlm
 
@@ -77,7 +77,7 @@ def validate(model: nn.Module, cfg: ParallelConfig) -> list[list[int]]:
             f"in sync across pipeline stages. Untie them or {ALTERNATIVES}"
         )
     stages = stage_layer_ids(n_layers, n_stages, cfg.pp_split)
-    if is_vision_language(model.config):
+    if vision_tower(model) is not None:  # a vision-language model: its own stages (parallel/vlm_stages.py)
         if ties_embeddings(model):
             raise ShipyardError(f"{name} ties its input and output embeddings; pipelining a vision-language model "
                                 f"with tied embeddings is not supported yet: {ALTERNATIVES}")
@@ -132,7 +132,7 @@ def build_stage(model: nn.Module, layer_ids: list[int], first: bool, last: bool,
     and tied aliases) exactly those of the whole model, so the weight is saved once, as HF expects.
     A vision-language model's stages are built in parallel/vlm_stages.py (vision on stage 0).
     """
-    if is_vision_language(model.config):
+    if vision_tower(model) is not None:  # a vision-language model: its own stages (parallel/vlm_stages.py)
         return build_vlm_stage(model, layer_ids, first, last, blank_image)
     stage = shallow_copy(model)
     inner = shallow_copy(model.get_decoder())

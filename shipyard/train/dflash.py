@@ -34,7 +34,7 @@ from shipyard.speculative.acceptance import (acceptance_per_position, answer_spa
                                              mean_acceptance_length, perfect_table, replay_drafts)
 from shipyard.train.precision import autocast_for, bf16_enabled
 from shipyard.train.task import Setup, Task
-from shipyard.verify.probe import make_probe
+from shipyard.export.probe import make_probe
 
 
 @contextmanager

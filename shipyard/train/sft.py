@@ -25,7 +25,7 @@ from shipyard.errors import ShipyardError
 from shipyard.models.save import ModelMeta, WeightLayout
 from shipyard.models.mtp_layout import existing_mtp_layers
 from shipyard.models import mtp
-from shipyard.models.load import load, load_processor
+from shipyard.models.load import auto_model_class, load, load_processor
 from shipyard.models.vision import freeze
 from shipyard.parallel import pipeline
 from shipyard.parallel.dist import DistInfo, all_reduce_sum, on_main, peak_host_memory_gib
@@ -37,7 +37,7 @@ from shipyard.train.loss import isolates_packed_documents
 from shipyard.train.precision import autocast_for, bf16_enabled
 from shipyard.train.step import LocalRunner, MTPObjective
 from shipyard.train.task import Setup, Task
-from shipyard.verify.probe import add_reference, make_probe
+from shipyard.export.probe import add_reference, make_probe
 
 log = logging.getLogger(__name__)
 
@@ -275,10 +275,10 @@ def exact_match_of_export(final_dir: Path, recipe: Recipe, tokenizer, records, e
     Pipeline stages cannot run `generate` (it needs the whole model per forward), and the export is
     the trained model whole. The in-memory tokenizer renders the prompts, as in unpipelined runs.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
     def generate() -> dict:
-        auto = AutoModelForImageTextToText if encoder is not None else AutoModelForCausalLM
+        auto = auto_model_class(AutoConfig.from_pretrained(final_dir, trust_remote_code=recipe.model.trust_remote_code))
         model = auto.from_pretrained(final_dir, trust_remote_code=recipe.model.trust_remote_code)
         model.to(dist_info.device)
         alone = DistInfo(device=dist_info.device)  # one process: no synced generation

@@ -20,6 +20,7 @@ from shipyard.models import dflash
 from shipyard.models.weights import DirectoryWeights
 from shipyard.speculative.acceptance import (acceptance_per_position, block_table, greedy_tokens,
                                              mean_acceptance_length, perfect_table, replay_drafts)
+from shipyard.verify.inputs import directory_encoder, model_len_for, served_dialog
 from shipyard.verify.speculative import MAX_PROMPTS, NGRAM, SPEC_MAX_NEW_TOKENS
 
 VLLM_DTYPE = "float32"
@@ -116,12 +117,11 @@ def replay(target, drafter, prompts: list[dict], answers: list[list[int]]) -> di
 
 def prepare(directory: Path, target: str | None) -> dict:
     """The vLLM job for a drafter directory, and what the report needs."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from shipyard.data.images import media_of
-    from shipyard.models.vision import is_vision_language
-    from shipyard.verify.hf_greedy import prompt_inputs
-    from shipyard.verify.run import directory_encoder, model_len_for, served_dialog
+    from shipyard.models.load import auto_model_class
+    from shipyard.models.greedy import prompt_inputs
 
     directory = Path(directory)
     target_dir = target_of(directory, target)
@@ -133,13 +133,14 @@ def prepare(directory: Path, target: str | None) -> dict:
     if not dialogs:
         raise ShipyardError(f"{directory}: no held-out prompts recorded (shipyard_verify.json)")
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    auto = AutoModelForImageTextToText if is_vision_language(target_config) else AutoModelForCausalLM
+    auto = auto_model_class(target_config)
     model = auto.from_pretrained(target_dir, dtype=torch.float32).eval()
     encoder = directory_encoder(target_dir, model, tokenizer, False)
     inputs = [prompt_inputs(tokenizer, d, encoder) for d in dialogs]
     longest = max(x["input_ids"].shape[1] for x in inputs)
     block = drafter.config.block_size
-    job = {"model": str(target_dir), "tokenizer": str(target_dir), "dialogs": [served_dialog(d) for d in dialogs],
+    job = {"kind": "speculative", "model": str(target_dir), "tokenizer": str(target_dir),
+           "dialogs": [served_dialog(d) for d in dialogs],
            "dtype": VLLM_DTYPE,
            "max_new_tokens": SPEC_MAX_NEW_TOKENS,
            "max_model_len": model_len_for(model, [[0] * longest], SPEC_MAX_NEW_TOKENS + block),

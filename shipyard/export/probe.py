@@ -16,7 +16,6 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from shipyard.data.audio import AudioEncoder
 from shipyard.data.chat import prompt_and_reference, tokenize_record
 from shipyard.data.messages import Record, shape_of
 
@@ -94,12 +93,13 @@ def make_probe(tokenizer: PreTrainedTokenizerBase, validation: list[Record], tra
     decoding (MTP heads)."""
     records = validation + train
     count = MAX_PROMPTS
-    if isinstance(encoder, AudioEncoder):  # verify transcribes the held-out clips (word error rates in both engines)
+    transcribes = encoder is not None and encoder.kind == "audio"
+    if transcribes:  # verify transcribes the held-out clips (word error rates in both engines)
         records, count = validation or train, SPEECH_PROMPTS
     prompts = [with_inline_media(prompt_and_reference(r)[0]) for r in records[:count]] or BUILTIN_PROMPTS
     dialogs = pick_dialogs(train or validation) or [Record(BUILTIN_DIALOG, "builtin")]
     dialogs = [Record(with_inline_media(r.messages), r.origin, r.tools, r.template_kwargs) for r in dialogs]
-    from shipyard.verify.hf_greedy import prompt_inputs
+    from shipyard.models.greedy import prompt_inputs
 
     probe = {
         "format": 2,
@@ -114,7 +114,7 @@ def make_probe(tokenizer: PreTrainedTokenizerBase, validation: list[Record], tra
             for r in dialogs
         ],
     }
-    if isinstance(encoder, AudioEncoder):
+    if transcribes:
         probe["references"] = [prompt_and_reference(r)[1] for r in records[:count]]
     if held_out:
         probe["held_out"] = [with_inline_media(prompt_and_reference(r)[0]) for r in validation[:HELD_OUT_PROMPTS]]
@@ -131,7 +131,7 @@ def add_reference(probe: dict, model, tokenizer: PreTrainedTokenizerBase, dtype:
     edited after training (a removed soft-cap, another rope scaling) then fails even though transformers
     and vLLM, both reading the edited config, agree with each other.
     """
-    from shipyard.verify.hf_greedy import greedy, prompt_inputs
+    from shipyard.models.greedy import greedy, prompt_inputs
 
     was_training = model.training
     model.eval()
