@@ -32,6 +32,7 @@ from shipyard.parallel.dist import DistInfo, all_reduce_sum, on_main, peak_host_
 from shipyard.parallel.fsdp import apply_parallelism, use_fsdp
 from shipyard.parallel.topology import Topology, build_topology
 from shipyard.peft.setup import setup_lora
+from shipyard.speculative.acceptance import acceptance_per_position, mean_acceptance_length
 from shipyard.train.evaluate import exact_match
 from shipyard.train.loss import isolates_packed_documents
 from shipyard.train.precision import autocast_for, bf16_enabled
@@ -262,9 +263,10 @@ def validation_metrics(runner, samples, batch_size: int, pad_id: int, topo: Topo
             out[f"loss_mtp_{k}"] = all_reduce_sum(summed, device) / max(
                 all_reduce_sum(supervised_tokens(batches, ahead=k), device), 1)
         drafts = all_reduce_sum(head.drafts, device)
-        per_position = [all_reduce_sum(a, device) / max(drafts, 1) for a in head.accepted]
+        accepted = [all_reduce_sum(a, device) for a in head.accepted]
+        per_position = acceptance_per_position(accepted, drafts)
         out.update({f"mtp_acceptance_{k}": v for k, v in enumerate(per_position, start=1)})
-        out["mtp_mean_acceptance_length"] = 1 + sum(per_position)
+        out["mtp_mean_acceptance_length"] = mean_acceptance_length(accepted, drafts)
     return out
 
 
