@@ -336,7 +336,7 @@ class DraftConfig(Section):
     aux_layer_ids: list[int] | None = Field(None, description="task: eagle3: the target's hidden states fused into "
                                             "the drafter (vLLM's eagle_aux_hidden_state_layer_ids: 0 = embedding "
                                             "output, i = output of layer i - 1, before the final norm); default: "
-                                            "vLLM's (2, L//2, L-3) on targets of 6+ layers, else [0, L//2, L].")
+                                            "vLLM's (2, L//2, L-3) on targets of 7+ layers, else [0, L/2, L].")
     ttt_steps: int = Field(7, ge=1, le=16, description="task: eagle3: training-time-test steps unrolled (step k "
                            "consumes the drafter's own previous output, as vLLM's later draft steps do).")
     draft_vocab_size: int | None = Field(None, gt=0, description="task: eagle3: a reduced draft vocabulary of the "

@@ -44,10 +44,10 @@ ARCHITECTURES = {family[0] for family in FAMILIES.values()}
 
 
 def default_aux_layer_ids(num_layers: int) -> list[int]:
-    """vLLM's default (2, L // 2, L - 3) where it is valid (L >= 6); on smaller targets the embedding output, the
+    """vLLM's default (2, L // 2, L - 3) where its ids are valid and distinct (L >= 7); on smaller targets the embedding output, the
     middle and the last layer's output (2 layers: [0, 1, 2]). Always written into the drafter's config: vLLM's
     default crashes on small targets."""
-    if num_layers >= 6:
+    if num_layers >= 7:
         return [2, num_layers // 2, num_layers - 3]
     return sorted({round(i * num_layers / 2) for i in range(3)})
 

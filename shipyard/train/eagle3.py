@@ -30,6 +30,18 @@ from shipyard.train.task import Setup
 _NOT_INPUTS = ("labels", "attention_mask", "position_ids")
 
 
+@torch.no_grad()
+def draft_tokens(drafter, target, input_ids: torch.Tensor, features: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """[R, S] target ids per step: step k's greedy draft from each position i (for the token at i + 2 + k), with
+    the true tokens as the steps' inputs: where the earlier steps were accepted they are the drafted ones, so the
+    acceptance replay counts what vLLM's drafting loop accepts."""
+    embed = target.get_input_embeddings()
+    embeds = [embed(ids) for ids in eagle3.step_inputs(input_ids, steps)]
+    weight, bias = drafter.head(target)
+    return [drafter.draft_to_target(F.linear(s.float(), weight.float(), None if bias is None else bias.float())
+                                    .argmax(-1)) for s in drafter(features, embeds)[1]]
+
+
 class Eagle3Runner:
     """Turns micro-batches into drafter gradients; the target runs without gradients."""
 
@@ -98,13 +110,6 @@ class Eagle3Runner:
         return loss_sum
 
     @torch.no_grad()
-    def drafts(self, input_ids: torch.Tensor, features: torch.Tensor) -> list[torch.Tensor]:
-        """[R, S] target ids per step: step k's greedy draft at each position (for the token at i + 2 + k)."""
-        weight, bias = self.drafter.head(self.target)
-        return [self.drafter.draft_to_target(F.linear(s.float(), weight.float(), None if bias is None else bias.float())
-                                             .argmax(-1)) for s in self.normed_steps(input_ids, features)]
-
-    @torch.no_grad()
     def evaluate(self, batches, device) -> dict:
         """Loss, and tau replayed over the answers with the target's greedy tokens as correct."""
         self.drafter.eval()
@@ -118,7 +123,8 @@ class Eagle3Runner:
                 loss += float(self.loss(batch, features))
             weight += eagle3.count_targets(batch["labels"], self.steps)
             with self.autocast():
-                drafted = [d.tolist() for d in self.drafts(batch["input_ids"], features)]
+                drafted = [d.tolist() for d in draft_tokens(self.drafter, self.target, batch["input_ids"], features,
+                                                            self.steps)]
             greedy = greedy_tokens(self.target, final.float()).tolist()  # greedy[r][t]: the target's token for t + 1
             for r, labels in enumerate(batch["labels"].tolist()):
                 correct = [-1] + greedy[r]
