@@ -312,8 +312,12 @@ class LoraConfig(Section):
         return self
 
 
+DFLASH_KEYS = ("num_layers", "block_size", "target_layer_ids", "mask_token", "anchors_per_sequence", "gamma")
+EAGLE3_KEYS = ("aux_layer_ids", "ttt_steps", "draft_vocab_size", "num_speculative_tokens")
+
+
 class DraftConfig(Section):
-    """A DFlash drafter (block-diffusion speculative decoding) for a frozen target: task: dflash."""
+    """A drafter for a frozen target: task: dflash (block diffusion) or task: eagle3 (EAGLE-3)."""
 
     target: str = Field(description="The target: hub id, Hugging Face directory or a shipyard run's final/.")
     num_layers: int = Field(2, gt=0, description="Drafter decoder layers (Qwen3-style, no embedding or LM head: "
@@ -329,6 +333,22 @@ class DraftConfig(Section):
     gamma: float | None = Field(None, gt=0, description="Slot weight exp(-(k-1)/gamma); default 7 for block "
                                 "size 16, 4 for 8, block_size / 2 otherwise.")
 
+    aux_layer_ids: list[int] | None = Field(None, description="task: eagle3: the target's hidden states fused into "
+                                            "the drafter (vLLM's eagle_aux_hidden_state_layer_ids: 0 = embedding "
+                                            "output, i = output of layer i - 1, before the final norm); default: "
+                                            "vLLM's (2, L//2, L-3) on targets of 7+ layers, else [0, L/2, L].")
+    ttt_steps: int = Field(7, ge=1, le=16, description="task: eagle3: training-time-test steps unrolled (step k "
+                           "consumes the drafter's own previous output, as vLLM's later draft steps do).")
+    draft_vocab_size: int | None = Field(None, gt=0, description="task: eagle3: a reduced draft vocabulary of the "
+                                         "data's most frequent answer tokens (exported with d2t offsets and its own "
+                                         "head); default: the target's whole vocabulary.")
+    num_speculative_tokens: int | None = Field(None, gt=0, description="task: eagle3: tokens drafted per step when "
+                                               "served (verify); default: ttt_steps.")
+
+    @property
+    def speculative_tokens(self) -> int:
+        return self.num_speculative_tokens or self.ttt_steps
+
     @property
     def slot_decay(self) -> float:
         return self.gamma or {16: 7.0, 8: 4.0}.get(self.block_size, self.block_size / 2)
@@ -336,8 +356,8 @@ class DraftConfig(Section):
 
 class Recipe(Section):
     name: str = Field("run", pattern=r"^[\w.-]+$")
-    task: Literal["sft", "dflash"] = Field("sft", description="sft: train model; dflash: train a drafter "
-                                           "(the `draft` section) for a frozen target.")
+    task: Literal["sft", "dflash", "eagle3"] = Field("sft", description="sft: train model; dflash, eagle3: train a "
+                                                     "drafter (the `draft` section) for a frozen target.")
     output_dir: str | None = Field(None, description="Default: runs/<name>.")
     seed: int = 0
     model: ModelConfig = ModelConfig()
@@ -348,14 +368,25 @@ class Recipe(Section):
     eval: EvalConfig = EvalConfig()
     parallel: ParallelConfig = ParallelConfig()
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of all weights.")
-    draft: DraftConfig | None = Field(None, description="task: dflash: the drafter and its target.")
+    draft: DraftConfig | None = Field(None, description="task: dflash or eagle3: the drafter and its target.")
 
     @model_validator(mode="after")
     def _draft_for_dflash(self) -> Recipe:
-        if (self.task == "dflash") != (self.draft is not None):
-            raise ValueError("task: dflash needs a `draft` section (with draft.target), and a `draft` section "
-                             "needs task: dflash")
-        if self.draft is not None and self.data.max_length % self.draft.block_size:
+        drafter = self.task in ("dflash", "eagle3")
+        if drafter != (self.draft is not None):
+            raise ValueError(f"task: {self.task if drafter else 'dflash or eagle3'} needs a `draft` section (with "
+                             "draft.target), and a `draft` section needs task: dflash or task: eagle3")
+        if self.draft is not None:
+            foreign = EAGLE3_KEYS if self.task == "dflash" else DFLASH_KEYS
+            wrong = [k for k in foreign if k in self.draft.model_fields_set]
+            if wrong:
+                other = "eagle3" if self.task == "dflash" else "dflash"
+                raise ValueError(f"draft.{wrong[0]} is a setting of task: {other}, not of task: {self.task}; remove it")
+            if self.task == "eagle3" and self.draft.speculative_tokens > self.draft.ttt_steps:
+                raise ValueError(f"draft.num_speculative_tokens ({self.draft.speculative_tokens}) exceeds "
+                                 f"draft.ttt_steps ({self.draft.ttt_steps}): steps past the trained depth accept "
+                                 "little; raise ttt_steps or lower num_speculative_tokens")
+        if self.task == "dflash" and self.data.max_length % self.draft.block_size:
             raise ValueError(f"data.max_length ({self.data.max_length}) must be a multiple of draft.block_size "
                              f"({self.draft.block_size}): sequences train in whole blocks")
         return self

@@ -42,7 +42,8 @@ from torch.distributed.checkpoint.state_dict import (
 from shipyard.errors import ShipyardError
 from shipyard.fsutil import crash_point, publish, recover_publish, write_text_atomic
 from shipyard.export.export import write_weight_files
-from shipyard.models.save import ModelMeta, WeightLayout, write_hf_metadata, write_index, write_weights
+from shipyard.models.save import (ModelMeta, WeightLayout, dominant_dtype, write_hf_metadata, write_index,
+                                  write_weights)
 from shipyard.models.structure import clean_name, tied_aliases
 from shipyard.models.weights import DirectoryWeights, dcp_load, dcp_save
 from shipyard.parallel.dist import DistInfo, barrier, broadcast_object
@@ -126,7 +127,7 @@ def _write_weights(partial: Path, model, aliases: dict, meta: ModelMeta, dist_in
     if not dist_info.distributed:
         full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}  # 1-rank FSDP
         write_weights(partial, full, WeightLayout())
-        return next(iter(full.values())).dtype
+        return dominant_dtype({k: (v.shape, v.dtype) for k, v in full.items()})
     dcp_save(state, partial / "shipyard" / "model")
     if consolidate:
         barrier()
@@ -136,7 +137,7 @@ def _write_weights(partial: Path, model, aliases: dict, meta: ModelMeta, dist_in
         )
         if dist_info.is_main:
             write_index(partial, plan, shapes)
-    return next(iter(state.values())).dtype
+    return dominant_dtype({k: (v.shape, v.dtype) for k, v in state.items()})
 
 
 def save_checkpoint(

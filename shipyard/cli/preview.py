@@ -25,7 +25,7 @@ BRACKETS = ("[[", "]]")  # the same, where colour cannot be shown
 def preview_datasets(recipe: Recipe, limit: int | None):
     """(tokenizer, datasets holding the samples of the first `limit` training records; all of them for None).
 
-    A drafter recipe (task: dflash) renders with its target's tokenizer, as its training does."""
+    A drafter recipe (task: dflash, eagle3) renders with its target's tokenizer, as its training does."""
     from shipyard.config import ModelConfig
 
     model = ModelConfig(path=recipe.draft.target) if recipe.draft is not None else recipe.model
@@ -105,7 +105,7 @@ def print_preview(tokenizer, recipe: Recipe, data: Datasets, limit: int, stream:
               + (f", {media_label(sample.media)}: {', '.join(describe(r) for r in sample.media)}"
                  if sample.media else ""), file=stream)
         print(highlighted(tokenizer, sample, marks), file=stream)
-        if recipe.draft is not None:
+        if recipe.task == "dflash":
             print(drafter_blocks(tokenizer, sample, recipe.draft), file=stream)
     print(f"\nassistant turns: {data.turns_report()}", file=stream)
     print(f"skipped records: {data.skipped.report()}; truncated samples: {data.truncated}", file=stream)

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_dflash_report(recipe, summary: dict) -> None:
+def print_drafter_report(recipe, summary: dict) -> None:
     ev = summary["eval"]
     print()
     print(f"done: drafter trained {summary['steps']} steps in {summary['train_seconds']:.1f}s "
@@ -55,7 +55,8 @@ def print_dflash_report(recipe, summary: dict) -> None:
         print(f"offline on the validation answers: mean acceptance length tau "
               f"{ev['mean_acceptance_length']:.3f} (ceiling {ev['ceiling_mean_acceptance_length']:.3f}), "
               f"per position {', '.join(f'{a:.2f}' for a in ev['acceptance_per_position'])}")
-    print(f"drafter (vLLM DFlash format): {summary['final_checkpoint']}")
+    print(f"drafter (vLLM {'DFlash' if summary['task'] == 'dflash' else 'EAGLE-3'} format): "
+          f"{summary['final_checkpoint']}")
     print(f"\nnext:\n  shipyard verify {summary['final_checkpoint']}    # serve target + drafter in vLLM: lossless? tau?")
 
 
@@ -107,4 +108,4 @@ def print_train_report(recipe, summary: dict) -> None:
     print(f"  tensorboard --logdir {out / 'tensorboard'}")
 
 
-REPORTS = {"dflash": print_dflash_report}  # summary["task"] -> its report; every other task gets the SFT one
+REPORTS = {"dflash": print_drafter_report, "eagle3": print_drafter_report}  # summary["task"] -> its report; every other task gets the SFT one

@@ -21,9 +21,9 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("dirs", nargs="+", metavar="DIR",
-                   help="Hugging Face directories (e.g. runs/NAME/final), adapters or DFlash drafter directories; "
+                   help="Hugging Face directories (e.g. runs/NAME/final), adapters or drafter directories (DFlash, EAGLE-3); "
                    "several are checked with one vLLM worker (its start-up paid once)")
-    p.add_argument("--target", metavar="DIR", help="a DFlash drafter's target (default: the one it was trained for)")
+    p.add_argument("--target", metavar="DIR", help="a drafter's target (default: the one it was trained for)")
     p.add_argument("--json", action="store_true", help="print one JSON object per directory (one per line) instead of "
                    "the table")
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens compared per prompt (default: 32)")

@@ -146,6 +146,17 @@ class SampleStore(Sequence):
             used.update(np.unique(ids[at : at + (1 << 24)]).tolist())
         return used
 
+    def answer_token_counts(self) -> dict[int, int]:
+        """How often each token id is supervised (an answer token): an EAGLE-3 draft vocabulary's ranking."""
+        ids, labels = self.columns["input_ids"], self.columns["labels"]
+        counts: dict[int, int] = {}
+        for at in range(0, len(ids), 1 << 24):
+            block = ids[at : at + (1 << 24)][labels[at : at + (1 << 24)] >= 0]
+            tokens, n = np.unique(block, return_counts=True)
+            for t, c in zip(tokens.tolist(), n.tolist()):
+                counts[t] = counts.get(t, 0) + c
+        return counts
+
     def num_media(self) -> int:
         return sum(len(self[i].media) for i in range(len(self))) if self.text_offsets["extra"][-1] else 0
 

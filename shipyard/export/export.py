@@ -21,6 +21,7 @@ import shipyard.models.speechlm  # noqa: F401  (an exported speech-LM's config l
 from shipyard.errors import ShipyardError
 from shipyard.fsutil import publish
 from shipyard.hf_files import MTP_SIDE_FILE, read_probe
+from shipyard.models import eagle3
 from shipyard.models.mtp_layout import ServedLayoutWeights, served_config_updates, style_for
 from shipyard.models.save import (
     ModelMeta,
@@ -278,6 +279,8 @@ def export_checkpoint(
         meta, info = load_meta(src, trust_remote_code)
         weights = DirectoryWeights(src)
     weights, mtp_expected, mtp_aside = served_mtp_layout(weights, meta)
+    if meta.architecture in eagle3.ARCHITECTURES:
+        eagle3.check_weights(meta.config, {n: tuple(s) for n, (s, _) in weights.shapes.items()}, str(src))
     _check_special_tokens_fit(meta, _embedding_rows(weights, meta), src)
     partial = out_dir.with_name(f".{out_dir.name}.partial")
 

@@ -31,6 +31,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from shipyard.data.chat import eos_token_ids
 from shipyard.errors import ShipyardError
 from shipyard.hf_files import INDEX_FILE, MTP_SIDE_FILE, SINGLE_FILE, write_probe
+from shipyard.models.eagle3 import ARCHITECTURES as EAGLE3_ARCHITECTURES
 from shipyard.models.mtp_layout import STYLES
 from shipyard.models.speechlm import ARCHITECTURE, HYBRID_ARCHITECTURE
 
@@ -99,6 +100,8 @@ def plan_files(shapes: dict[str, tuple[torch.Size, torch.dtype]], layout: Weight
 
 
 def target_dtype(name: str, tensor_dtype: torch.dtype, layout: WeightLayout, dtype: torch.dtype | None) -> torch.dtype:
+    if not tensor_dtype.is_floating_point:  # integer tables (an EAGLE-3 drafter's d2t) keep their type
+        return tensor_dtype
     if dtype is not None:
         return dtype
     if name in layout.dtypes:
@@ -136,10 +139,12 @@ def write_weights(
 
 
 def dominant_dtype(shapes: dict[str, tuple[torch.Size, torch.dtype]]) -> torch.dtype:
+    """The weights' dtype (config.json's): integer tables (an EAGLE-3 drafter's d2t) do not count."""
     counts: dict[torch.dtype, int] = {}
     for shape, dtype in shapes.values():
-        counts[dtype] = counts.get(dtype, 0) + shape.numel()
-    return max(counts, key=counts.get)
+        if dtype.is_floating_point:
+            counts[dtype] = counts.get(dtype, 0) + shape.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
 
 
 # ----------------------------------------------------------------- metadata files
@@ -283,9 +288,10 @@ def check_exportable(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBas
     if not eos_token_ids(tokenizer, None):
         raise ShipyardError(f"{where}: no EOS token: neither the tokenizer nor the chat template defines one")
     architectures = getattr(config, "architectures", None) or []
-    # vLLM-only architectures: MiMoForCausalLM (a Qwen2 model with MTP), DFlashDraftModel (a drafter), and the
+    # vLLM-only architectures: MiMoForCausalLM (a Qwen2 model with MTP), DFlashDraftModel and EAGLE-3 drafters, and the
     # speech-LM, registered with transformers by `shipyard.models.speechlm` (served by shipyard's vLLM plugin)
-    served_mtp = {s.architecture for s in STYLES.values()} | {"DFlashDraftModel", ARCHITECTURE, HYBRID_ARCHITECTURE}
+    served_mtp = {s.architecture for s in STYLES.values()} | {"DFlashDraftModel", ARCHITECTURE, HYBRID_ARCHITECTURE} \
+        | EAGLE3_ARCHITECTURES
     known = any(hasattr(transformers, a) or a in served_mtp for a in architectures) or bool(getattr(config, "auto_map", None))
     if not known:
         raise ShipyardError(

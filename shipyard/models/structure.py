@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import re
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -33,6 +34,31 @@ def final_norm_of(model: nn.Module) -> nn.Module:
         if isinstance(getattr(inner, attr, None), nn.Module):
             return getattr(inner, attr)
     raise ShipyardError(f"{type(model).__name__}: cannot find the final norm (looked for norm, norm_f, ln_f)")
+
+
+@contextmanager
+def hidden_states_entering(model: nn.Module, ids: list[int]):
+    """Inside the block, `captured[i]` receives the hidden state entering the model's decoder layer i, or its
+    final norm for i = the number of layers: the embedding output for 0, then each layer's output before the
+    final norm (vLLM's EAGLE-3 aux hidden state ids; a DFlash target layer id j is entering id j + 1).
+
+    Read where the next layer (or the final norm) receives it, as vLLM's aux hidden states are: a model that adds
+    to the hidden state between layers (Qwen3-VL's deepstack visual features after its first layers) has added it.
+    """
+    layers = decoder_layers(model)
+    captured: dict = {}
+    handles = []
+    for i in ids:
+        receiver = layers[i] if i < len(layers) else final_norm_of(model)
+
+        def hook(_module, args, kwargs, i=i):
+            captured[i] = args[0] if args else kwargs["hidden_states"]
+        handles.append(receiver.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def shallow_copy(module: nn.Module) -> nn.Module:

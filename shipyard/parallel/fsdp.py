@@ -65,7 +65,8 @@ def apply_parallelism(model: torch.nn.Module, cfg: ParallelConfig, topo: Topolog
                       bf16: bool) -> torch.nn.Module:
     """Activation checkpointing, compile and FSDP2 on `model` (in place); returns it on its device, or still on
     the meta device when it was built empty (checkpoint/base_weights.py fills it, sharded)."""
-    layers = decoder_layers(model)
+    # A model of one block (an EAGLE-3 drafter) is one FSDP2 unit: the root.
+    layers = torch.nn.ModuleList() if getattr(model, "single_block", False) else decoder_layers(model)
     blocks = list(layers.named_children())
     for key, layer in blocks:
         layer = checkpointed(layer, cfg.activation_checkpointing)

@@ -10,54 +10,39 @@ from __future__ import annotations
 
 import contextlib
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
-from shipyard.checkpoint.store import fingerprint
-from shipyard.config import ModelConfig, Recipe
-from shipyard.data.chat import eos_token_ids
-from shipyard.data.dataset import build_datasets, count_targets, describe_sources
-from shipyard.data.images import media_encoder
-from shipyard.data.loader import eval_batches
-from shipyard.errors import ShipyardError
+from shipyard.config import Recipe
+from shipyard.data.dataset import count_targets
 from shipyard.models import dflash
-from shipyard.models.load import load, load_processor
 from shipyard.models.logits import chunked_cross_entropy
-from shipyard.models.save import ModelMeta
-from shipyard.models.structure import decoder_layers, final_norm_of
+from shipyard.models.structure import hidden_states_entering
 from shipyard.models.vision import vision_on_blank_image
-from shipyard.parallel.dist import DistInfo, all_reduce_sum
-from shipyard.parallel.fsdp import apply_parallelism, use_fsdp
-from shipyard.parallel.topology import Topology, build_topology
-from shipyard.speculative.acceptance import (acceptance_per_position, answer_spans, block_table, greedy_tokens,
-                                             mean_acceptance_length, perfect_table, replay_drafts)
-from shipyard.train.precision import autocast_for, bf16_enabled
-from shipyard.train.task import Setup, Task
-from shipyard.export.probe import make_probe
+from shipyard.parallel.dist import DistInfo
+from shipyard.parallel.topology import Topology
+from shipyard.speculative.acceptance import answer_spans, block_table, greedy_tokens, perfect_table, replay_drafts
+from shipyard.train.drafter import Built, DrafterTask
+from shipyard.train.precision import autocast_for
+from shipyard.train.task import Setup
 
 
 @contextmanager
 def target_features(target: torch.nn.Module, layer_ids: list[int]):
-    """Inside the block, `captured[i]` receives the hidden state leaving the target's decoder layer i.
+    """Inside the block, `captured[i]` receives the hidden state leaving the target's decoder layer i (vLLM's
+    DFlash target layer ids; models/structure.hidden_states_entering reads them where the next layer takes them)."""
+    with hidden_states_entering(target, [i + 1 for i in layer_ids]) as entering:
+        yield LayerOutputs(entering)
 
-    Read where the next layer (or the final norm) receives it, as vLLM's aux hidden states are: a model that adds
-    to the hidden state between layers (Qwen3-VL's deepstack visual features after its first layers) has added it.
-    """
-    layers = decoder_layers(target)
-    captured: dict[int, torch.Tensor] = {}
-    handles = []
-    for i in layer_ids:
-        receiver = layers[i + 1] if i + 1 < len(layers) else final_norm_of(target)
 
-        def hook(_module, args, kwargs, i=i):
-            captured[i] = args[0] if args else kwargs["hidden_states"]
-        handles.append(receiver.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        yield captured
-    finally:
-        for h in handles:
-            h.remove()
+class LayerOutputs:
+    """`captured[i]`: the output of layer i, i.e. what entered layer i + 1."""
+
+    def __init__(self, entering: dict):
+        self.entering = entering
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.entering[i + 1]
 
 
 _NOT_INPUTS = ("labels", "attention_mask", "position_ids")
@@ -194,69 +179,28 @@ class DFlashRunner:
                 "ceiling_accepted": ceiling_accepted, "ceiling_drafts": ceiling_drafts}
 
 
-class DFlashTask(Task):
+class DFlashTask(DrafterTask):
     """A DFlash drafter for a frozen target (`draft.target`): the drafter trains, the target only runs."""
 
     name = "dflash"
 
-    def prerequisites(self, recipe: Recipe) -> list[Recipe]:
-        """`runs/<recipe>/final` of a shipped recipe that has not run yet: train it first (quickstart_dflash)."""
-        from shipyard.config import load_recipe, shipped_recipes
-
-        p = Path(recipe.draft.target)
-        if p.exists() or p.name != "final" or p.parent.parent.name != "runs" or p.parent.name not in shipped_recipes():
-            return []
-        print(f"draft.target {p} does not exist yet: training the `{p.parent.name}` recipe first")
-        return [load_recipe(p.parent.name, [f"output_dir={p.parent}"])]
-
-    def setup(self, recipe: Recipe, dist_info: DistInfo, say) -> Setup:
+    def build(self, recipe: Recipe, target, tokenizer, data) -> Built:
         draft = recipe.draft
-        if recipe.parallel.pp > 1 or recipe.lora is not None:
-            raise ShipyardError("task: dflash trains the whole drafter on one pipeline stage: parallel.pp must be 1 "
-                                "and lora unset")
-        torch.manual_seed(recipe.seed)
-        target_cfg = ModelConfig(path=draft.target, trust_remote_code=recipe.model.trust_remote_code)
-        target, tokenizer, source = load(target_cfg, recipe.seed, recipe.data.chat_template_kwargs)
-        if not tokenizer.chat_template:
-            raise ShipyardError(f"draft.target {draft.target}: its tokenizer has no chat template; the drafter learns "
-                                "the target's answers to chat prompts, rendered as the target serves them")
-        target.requires_grad_(False)
-        target.eval()
         text = target.config.get_text_config()
         layer_ids = draft.target_layer_ids or dflash.default_target_layer_ids(text.num_hidden_layers)
         dflash.check_layer_ids(layer_ids, text.num_hidden_layers)
-        processor = load_processor(target_cfg, source, tokenizer)
-        encoder = media_encoder(processor, recipe.data)
-        if encoder is not None:
-            encoder.configure(target.config, recipe.parallel)
-        eos_ids = eos_token_ids(tokenizer, getattr(target.generation_config, "eos_token_id", None))
-        data = build_datasets(recipe.data, tokenizer, recipe.seed, stop_ids=eos_ids, encoder=encoder)
         used = data.train.token_ids()
         mask_id = dflash.mask_token_id(tokenizer, target.get_input_embeddings().num_embeddings, draft.mask_token, used)
         config = dflash.drafter_config(target.config, draft.num_layers, draft.block_size, layer_ids, mask_id)
-        config.shipyard_target = source.name if source.kind == "hub" else str(source.local_dir or source.name)
         drafter = dflash.DFlashDrafter(config)
         drafter.init_weights(recipe.seed)
-        model_fingerprint = fingerprint(drafter)
+        self.layer_ids, self.mask_id = layer_ids, mask_id
+        return Built(drafter, config, dflash.ARCHITECTURE)
 
-        topo = build_topology(recipe.parallel, dist_info, use_fsdp(recipe.parallel, dist_info))
-        self.bf16 = bf16_enabled(recipe, dist_info.device)  # both models' forwards in bf16 autocast; fp32 weights
-        target = apply_parallelism(target, recipe.parallel, topo, dist_info.device, self.bf16)
-        drafter = apply_parallelism(drafter, recipe.parallel, topo, dist_info.device, self.bf16)
-        blank = encoder.blank_inputs() if encoder is not None else None
-        self.runner = DFlashRunner(drafter, target, config, draft.slot_decay, draft.anchors_per_sequence, recipe.seed,
-                                   recipe.train.loss_chunk_size, autocast_for(recipe, dist_info.device), blank)
-        probe = make_probe(tokenizer, data.validation_records, data.train_records, recipe.data.multi_turn, eos_ids,
-                           encoder, held_out=True)
-        meta = ModelMeta(config=config, architecture=dflash.ARCHITECTURE, tokenizer=tokenizer, base_name=draft.target,
-                         base_eos=getattr(target.generation_config, "eos_token_id", None), probe=probe)
-        self.recipe, self.dist_info, self.data, self.topo, self.encoder = recipe, dist_info, data, topo, encoder
-        self.tokenizer, self.target, self.layer_ids, self.mask_id = tokenizer, target, layer_ids, mask_id
-        report = [describe_sources(data)]
-        if data.skipped.report()["total"] or data.truncated:
-            report.append(f"data: skipped {data.skipped.report()}, truncated {data.truncated}")
-        return Setup(model=drafter, runner=self.runner, tokenizer=tokenizer, data=data, meta=meta,
-                     fingerprint=model_fingerprint, topo=topo, encoder=encoder, consolidate=True, report=report)
+    def make_runner(self, drafter, target, config, recipe: Recipe, dist_info: DistInfo, blank_image):
+        return DFlashRunner(drafter, target, config, recipe.draft.slot_decay, recipe.draft.anchors_per_sequence,
+                            recipe.seed, recipe.train.loss_chunk_size, autocast_for(recipe, dist_info.device),
+                            blank_image)
 
     def headline(self, setup: Setup, total_steps: int, global_batch: int) -> str:
         draft, data = self.recipe.draft, self.data
@@ -268,37 +212,3 @@ class DFlashTask(Task):
                 f"layers {self.layer_ids}, mask token {self.tokenizer.convert_ids_to_tokens(self.mask_id)!r} "
                 f"({self.mask_id}), gamma {draft.slot_decay:g}; {len(data.train)} train / {len(data.validation)} "
                 f"validation samples ({count_targets(data.train):,} supervised tokens); {total_steps} steps")
-
-    def evaluate(self) -> dict:
-        device, topo = self.dist_info.device, self.topo
-        rows = list(eval_batches(self.data.validation, self.recipe.eval.batch_size, self.tokenizer.pad_token_id,
-                                 topo.dp_rank, topo.dp_size, self.encoder))
-        raw = self.runner.evaluate(rows, device)
-        drafts = all_reduce_sum(raw["drafts"], device)
-        accepted = [all_reduce_sum(a, device) for a in raw["accepted"]]
-        ceiling = [all_reduce_sum(a, device) for a in raw["ceiling_accepted"]]
-        ceiling_drafts = all_reduce_sum(raw["ceiling_drafts"], device)
-        return {"loss": all_reduce_sum(raw["loss"], device) / max(all_reduce_sum(raw["weight"], device), 1e-9),
-                "mean_acceptance_length": mean_acceptance_length(accepted, drafts),
-                "ceiling_mean_acceptance_length": mean_acceptance_length(ceiling, ceiling_drafts),
-                "acceptance_per_position": acceptance_per_position(accepted, drafts), "drafts": drafts}
-
-    def logged(self, figures: dict) -> dict:
-        return {"eval/loss": figures["loss"], "eval/tau": figures["mean_acceptance_length"]}
-
-    def finish(self, final_dir: Path | None, figures: dict, say) -> dict:
-        if figures:
-            say(f"drafter: tau {figures['mean_acceptance_length']:.3f} (ceiling "
-                f"{figures['ceiling_mean_acceptance_length']:.3f}) offline on {len(self.data.validation)} validation "
-                "answers, counted to each answer's end")
-        return {}
-
-    def summary(self) -> dict:
-        device = self.dist_info.device
-        return {
-            "mixed_precision": "bf16" if self.bf16 else "no",  # what the forwards ran in (train.mixed_precision)
-            # rank 0's peak GPU memory (what bf16 saves; bench/dflash_precision.py); None on CPU
-            "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-            "skipped_records": self.data.skipped.report(),
-            "target": self.recipe.draft.target,
-        }

@@ -3,8 +3,8 @@
 recipe -> the task's setup (models, data, runner; train/task.py) -> optimizer and schedule -> (resume) -> steps
 -> checkpoints -> validation -> export of the final checkpoint -> the task's finish -> summary.
 
-The loop holds no task or modality: SFT (train/sft.py) and the DFlash drafter (train/dflash.py) are tasks, and so
-is anything a test defines (tests/test_task.py).
+The loop holds no task or modality: SFT (train/sft.py) and the drafters (train/dflash.py, train/eagle3.py) are tasks,
+and so is anything a test defines (tests/test_task.py).
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ from shipyard.fsutil import write_text_atomic
 from shipyard.parallel.dist import DistInfo, all_reduce_sum, broadcast_object, init_distributed
 from shipyard.parallel.topology import Topology
 from shipyard.train.dflash import DFlashTask
+from shipyard.train.eagle3 import Eagle3Task
 from shipyard.train.metrics import MetricsLogger, plot_loss, run_totals, truncate_metrics
 from shipyard.train.optim import build_optimizer, build_scheduler
 from shipyard.train.sft import SFTTask
 from shipyard.train.step import train_step
 from shipyard.train.task import Task
 
-TASKS: dict[str, type[Task]] = {"sft": SFTTask, "dflash": DFlashTask}  # recipe.task -> its class
+TASKS: dict[str, type[Task]] = {"sft": SFTTask, "dflash": DFlashTask, "eagle3": Eagle3Task}  # recipe.task -> its class
 
 
 def seed_everything(seed: int) -> None:

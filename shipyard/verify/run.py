@@ -351,7 +351,7 @@ def verify_many(
     directories: list[Path], *, target: str | None = None, max_new_tokens: int = 32, allow_missing_vllm: bool = False,
     trust_remote_code: bool = False, logprob_tolerance: float | None = None,
 ) -> list[dict]:
-    """Verify several directories (models, adapters, DFlash drafters) with one vLLM worker process: vLLM's import
+    """Verify several directories (models, adapters, DFlash and EAGLE-3 drafters) with one vLLM worker process: vLLM's import
     and the worker's start are paid once. `target` is a drafter's target (default: the one it was trained for)."""
     preps = [("drafter", drafter.prepare(d, target)) if drafter.is_drafter_dir(d)
              else ("model", prepare(d, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code))
@@ -380,7 +380,7 @@ def verify(directory: Path, target: str | None = None, **kwargs) -> dict:
 
 
 def format_report(report: dict) -> str:
-    if report.get("kind") == "dflash_drafter":
+    if report.get("kind") in ("dflash_drafter", "eagle3_drafter"):
         return drafter.format_report(report)
     lines = [f"shipyard verify {report['dir']}"]
     if report.get("kind") == "adapter":

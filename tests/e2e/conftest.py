@@ -150,6 +150,27 @@ def cli_verify_dflash(dflash_quickstart) -> dict[str, Path]:
     return {"drafter": dflash_quickstart[0] / "final"}
 
 
+# ------------------------------------------------------------------ test_cli_eagle3
+
+
+@pytest.fixture(scope="session")
+def eagle3_quickstart(tmp_path_factory, dflash_quickstart):
+    """60 EAGLE-3 steps on the DFlash quickstart's target (its absolute path: verify runs from any directory). The
+    full recipe and its thresholds are docs/benchmarks.md's."""
+    cwd = tmp_path_factory.mktemp("eagle3")
+    target = dflash_quickstart[0].parent / "quickstart" / "final"
+    proc = run_cli("train", str(REPO / "shipyard" / "recipes" / "quickstart_eagle3.yaml"), f"draft.target={target}",
+                   "train.max_steps=60", "train.eval_every=60", "checkpoint.every_steps=null",
+                   "data.validation={synthetic: reverse_words, num_records: 60, seed: 1}", cwd=cwd)
+    _ok(proc)
+    return cwd / "runs" / "quickstart_eagle3", proc.stdout
+
+
+@pytest.fixture(scope="session")
+def cli_verify_eagle3(eagle3_quickstart) -> dict[str, Path]:
+    return {"drafter": eagle3_quickstart[0] / "final"}
+
+
 # ------------------------------------------------------------------ test_cli_mtp
 
 
