@@ -13,13 +13,12 @@ Imported only inside the worker process: importing it sets vLLM's environment (s
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 from collections.abc import Callable
 
 from shipyard.data.messages import REASONING_KEYS
-from shipyard.serving.engine import engine_kwargs
+from shipyard.serving.engine import engine_kwargs, settle_heap
 
 
 def run(job: dict, progress: Callable[[str], None]) -> dict:
@@ -63,7 +62,7 @@ def chat(job: dict) -> dict:
         ],
     }
     del llm
-    gc.collect()
+    settle_heap()
     return result
 
 
@@ -112,7 +111,7 @@ def speculative(job: dict) -> dict:
         if spec is not None:
             runs[name]["counters"] = spec_counters(llm)
         del llm
-        gc.collect()
+        settle_heap()
     return runs
 
 
@@ -193,6 +192,6 @@ def regenerate(job: dict, progress: Callable[[str], None]) -> dict:
                  f"({tokens / seconds if seconds else 0.0:,.0f} tokens/s)"
                  + (f", {len(groups)} llm.chat calls (one per chat_template_kwargs)" if len(groups) > 1 else ""))
     del llm
-    gc.collect()
+    settle_heap()
     return {"max_model_len": max_len, "turns": turns, "skipped": skipped,
             "answers": [a if alive[i] else None for i, a in enumerate(answers)]}

@@ -119,12 +119,14 @@ def progress(line: str) -> None:
 
 
 def main(request_path: str, result_path: str) -> int:
-    from shipyard.serving.engine import cannot_serve, register_kernel_overrides_once  # first: vLLM's environment
+    # engine first: it sets vLLM's environment before vLLM is imported
+    from shipyard.serving.engine import cannot_serve, register_kernel_overrides_once, settle_heap
     from shipyard.serving.jobs import run
 
     import vllm
 
     register_kernel_overrides_once()
+    settle_heap()  # the imports' objects: never garbage, walked by every collection otherwise
 
     jobs = json.loads(Path(request_path).read_text())["jobs"]
     results = []
