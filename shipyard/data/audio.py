@@ -210,7 +210,8 @@ class ProcessorAudioEncoder:
         window = getattr(extractor, "n_samples", None)  # Whisper: a fixed 30 s window; longer clips are cut
         self.window_seconds = window / self.rate if window else None
         self.max_seconds = min(max_seconds, self.window_seconds) if window else max_seconds
-        self.count = TOKEN_COUNTS.get(type(processor).__name__)
+        # The family's name, not its function: the token cache's key holds this object's settings by repr.
+        self.counted_as = type(processor).__name__ if type(processor).__name__ in TOKEN_COUNTS else None
 
     def load(self, ref: str) -> np.ndarray:
         return load_audio(ref, self.rate, self.max_seconds)
@@ -244,7 +245,7 @@ class ProcessorAudioEncoder:
                 f"{self.placeholder} themselves", reason="audio_placeholder_mismatch")
         if not clips:
             return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-        if self.count is None:  # the processor expands the placeholders itself
+        if self.counted_as is None:  # the processor expands the placeholders itself
             out = self.processor(text=[text], audio=[self.load(r) for r in clips], add_special_tokens=False)
             return list(out["input_ids"][0])
         pieces = text.split(self.placeholder)
@@ -252,7 +253,7 @@ class ProcessorAudioEncoder:
         for ref, rest in zip(clips, pieces[1:]):
             samples = load_audio(ref, self.rate, self.max_seconds, header_only=True)
             n = samples if isinstance(samples, int) else len(samples)
-            expanded += self.placeholder * self.count(self.processor, n) + rest
+            expanded += self.placeholder * TOKEN_COUNTS[self.counted_as](self.processor, n) + rest
         return self.tokenizer(expanded, add_special_tokens=False)["input_ids"]
 
     def media_inputs(self, clips: list[str]) -> dict[str, torch.Tensor]:
