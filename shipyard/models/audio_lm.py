@@ -22,7 +22,7 @@ AUDIO_PROJECTOR_NAMES = ("multi_modal_projector", "projector")
 
 def is_audio_language(config: PretrainedConfig) -> bool:
     """A transformers speech-LM: an audio config and a model type AutoModelForMultimodalLM maps."""
-    return getattr(config, "audio_config", None) is not None and getattr(config, "vision_config", None) is None \
+    return config is not None and getattr(config, "audio_config", None) is not None and getattr(config, "vision_config", None) is None \
         and config.model_type in MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES
 
 
