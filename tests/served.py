@@ -252,3 +252,24 @@ def served_verify(text_base, tmp_path_factory) -> dict[str, Path]:
     edit_json(broken / "tokenizer_config.json",
               chat_template=cfg["chat_template"].replace("'\\n' + message['content']", "': ' + message['content']"))
     return {"trained": text_base, "broken": broken}
+
+
+@pytest.fixture(scope="session")
+def qwen2_audio_run(tmp_path_factory):
+    """test_qwen2_audio's run: the tiny Qwen2-Audio on the speech quickstart's clips, audio tower frozen, 3 steps,
+    in this process: (output dir, TrainResult)."""
+    from shipyard.config import load_recipe
+    from shipyard.train.loop import train
+
+    out = tmp_path_factory.mktemp("qwen2_audio") / "run"
+    result = train(load_recipe("quickstart_speech", [
+        f"output_dir={out}", "model.path=qwen2-audio-tiny", "model.freeze=[audio_encoder]", "train.max_steps=3",
+        "data.train={synthetic: spoken_digits, num_records: 12, seed: 0}", "data.max_length=160",
+        "data.validation=[{synthetic: spoken_digits_heldout, num_records: 4, seed: 1}]", "train.micro_batch_size=4",
+        "checkpoint.every_steps=null", "eval.generate=false", "optim.warmup_steps=0"]))
+    return out, result
+
+
+@pytest.fixture(scope="session")
+def served_qwen2_audio(qwen2_audio_run) -> dict[str, Path]:
+    return {"final": qwen2_audio_run[0] / "final"}

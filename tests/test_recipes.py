@@ -238,12 +238,33 @@ def parakeet_ctc(folder: Path) -> Path:
     return folder
 
 
+def qwen2_audio(folder: Path) -> Path:
+    """The tiny Qwen2-Audio preset, saved as the hub checkpoint is: bf16, the published weight layout
+    (language_model.model.*, audio_tower.*: what transformers converts on load), its processor and template."""
+    from transformers import AutoModelForMultimodalLM
+
+    from shipyard.models.save import served_name
+    from shipyard.models.speech_presets import qwen2_audio as preset
+
+    config, processor = preset()
+    torch.manual_seed(0)
+    state = AutoModelForMultimodalLM.from_config(config).state_dict()
+    folder.mkdir(parents=True)
+    save_file({served_name(k, config): v.to(torch.bfloat16).contiguous() for k, v in state.items()},
+              folder / "model.safetensors", metadata={"format": "pt"})
+    config.dtype = "bfloat16"
+    config.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 @dataclass(frozen=True)
 class StandIn:
     build: Callable[[Path], Path]  # writes the stand-in's hub files into a folder
     model_type: str  # as the real model's config.json says
     architecture: str
     reads_images: bool = False
+    reads_audio: bool = False
 
 
 STAND_INS = {
@@ -255,6 +276,8 @@ STAND_INS = {
     "Qwen/Qwen3-VL-8B-Instruct": StandIn(qwen3_vl, "qwen3_vl", "Qwen3VLForConditionalGeneration", reads_images=True),
     "XiaomiMiMo/MiMo-7B-Base": StandIn(mimo, "mimo", "MiMoForCausalLM"),
     "nvidia/parakeet-ctc-0.6b": StandIn(parakeet_ctc, "parakeet_ctc", "ParakeetForCTC"),
+    "Qwen/Qwen2-Audio-7B-Instruct": StandIn(qwen2_audio, "qwen2_audio", "Qwen2AudioForConditionalGeneration",
+                                            reads_audio=True),
 }
 
 
@@ -372,7 +395,7 @@ def tiny_overrides(recipe, out: Path, data_dir: Path) -> list[str]:
         overrides += ["parallel.pp=1", "parallel.pp_split=null"]
     own_files = [s for s in recipe.data.train if s.path is not None and not Path(s.path).expanduser().exists()]
     if own_files:  # the user's own data: a small file of the kind the model reads
-        kind = (_audio_file if recipe.model.speech else _image_file if STAND_INS[recipe.model.path].reads_images
+        kind = (_audio_file if recipe.model.speech or STAND_INS[recipe.model.path].reads_audio else _image_file if STAND_INS[recipe.model.path].reads_images
                 else _text_file)
         overrides.append(f"data.train={kind(data_dir)}")
     return overrides
@@ -441,10 +464,12 @@ def assert_frozen_weights_kept(model, snapshots: dict, recipe) -> None:
     if not recipe.model.freeze and recipe.lora is None:
         assert not frozen
         return
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMultimodalLM
 
     # The stand-in as transformers loads it (fused experts are separate tensors on disk, as in the real checkpoint).
-    auto = AutoModelForImageTextToText if STAND_INS[recipe.model.path].reads_images else AutoModelForCausalLM
+    stand_in = STAND_INS[recipe.model.path]
+    auto = AutoModelForImageTextToText if stand_in.reads_images else \
+        AutoModelForMultimodalLM if stand_in.reads_audio else AutoModelForCausalLM
     base = auto.from_pretrained(snapshots[recipe.model.path], dtype=torch.float32).state_dict()
     for name, param in frozen.items():
         key = clean_name(name)  # without the activation-checkpointing wrapper's part

@@ -14,6 +14,7 @@ as the clip has projected frames (`models/speechlm/features.audio_token_count`),
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +25,22 @@ from shipyard.errors import ShipyardError
 from shipyard.data.parts import AUDIO_TOKEN, IGNORE_INDEX
 
 MAX_AUDIO_SECONDS = 60.0
+# A template that names audio parts itself (Qwen2-Audio's: `'audio' in content`) is given the parts, as vLLM does.
+_AUDIO_PART = re.compile(r"""['"]audio(_url)?['"]""")
 
 
-def audio_parts_as_text(messages: list[dict]) -> list[dict]:
+def template_renders_audio(template) -> bool:
+    """Does the chat template render audio parts itself (a transformers speech-LM's), rather than being a text
+    template that vLLM hands placeholders as text (shipyard's speech-LM)?"""
+    return isinstance(template, str) and bool(_AUDIO_PART.search(template))
+
+
+def audio_parts_as_text(messages: list[dict], template=None) -> list[dict]:
     """Messages whose content lists hold audio, as vLLM hands them to a text chat template: the placeholders the
-    text does not already hold, then the texts, joined by newlines (vllm/renderers/chat_utils.py)."""
+    text does not already hold, then the texts, joined by newlines (vllm/renderers/chat_utils.py). A template
+    that renders audio parts itself (`template_renders_audio`) gets the messages as they are."""
+    if template_renders_audio(template):
+        return messages
     out = []
     for m in messages:
         content = m.get("content")
@@ -157,3 +169,98 @@ class AudioEncoder:
         for i, r in enumerate(rows):
             out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         return {"ctc_targets": out}
+
+
+def whisper_frames(samples: int, hop: int = 160) -> int:
+    """Valid mel frames of a clip in a Whisper feature extractor's window (its attention mask: one per hop)."""
+    return -(-samples // hop)
+
+
+def qwen2_audio_tokens(frames: int) -> int:
+    """Audio tokens of a clip with `frames` valid mel frames in Qwen2-Audio (its processor and vLLM: conv stride 2,
+    then pooling by 2)."""
+    return (((frames - 1) // 2 + 1) - 2) // 2 + 1
+
+
+# Placeholder tokens per clip from its sample count, per processor class (what the processor and vLLM expand to);
+# a processor not listed expands its placeholders itself, on the decoded clip (exact, slower).
+TOKEN_COUNTS = {
+    "Qwen2AudioProcessor": lambda processor, samples: qwen2_audio_tokens(
+        min(whisper_frames(samples, processor.feature_extractor.hop_length), processor.feature_extractor.nb_max_frames)),
+}
+
+
+class ProcessorAudioEncoder:
+    """A transformers speech-LM's processor (Qwen2-Audio's) as the data pipeline uses it: the interface of
+    `AudioEncoder`, the family's own features (its feature extractor, padded to its fixed window as vLLM pads
+    them) and placeholder expansion (each `<|AUDIO|>` its chat template writes becomes as many tokens as the
+    clip's encoder frames)."""
+
+    kind = "audio"
+    type_keys: list[str] = []
+    ctc = False
+
+    def __init__(self, processor, max_seconds: float = MAX_AUDIO_SECONDS):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.placeholder = processor.audio_token
+        self.placeholder_id = self.tokenizer.convert_tokens_to_ids(self.placeholder)
+        extractor = processor.feature_extractor
+        self.rate = extractor.sampling_rate
+        window = getattr(extractor, "n_samples", None)  # Whisper: a fixed 30 s window; longer clips are cut
+        self.window_seconds = window / self.rate if window else None
+        self.max_seconds = min(max_seconds, self.window_seconds) if window else max_seconds
+        # The family's name, not its function: the token cache's key holds this object's settings by repr.
+        self.counted_as = type(processor).__name__ if type(processor).__name__ in TOKEN_COUNTS else None
+
+    def load(self, ref: str) -> np.ndarray:
+        return load_audio(ref, self.rate, self.max_seconds)
+
+    def configure(self, config, parallel) -> None:
+        if parallel.pp > 1:
+            raise ShipyardError("parallel.pp > 1 is not supported for speech-LMs yet (the audio tower would need a "
+                                "stage of its own); use FSDP2 (parallel.pp=1)")
+
+    def features(self, clips: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        out = self.processor.feature_extractor(clips, sampling_rate=self.rate, return_attention_mask=True,
+                                               padding="max_length", return_tensors="pt")
+        return {"input_features": out["input_features"], "feature_attention_mask": out["attention_mask"]}
+
+    def blank_inputs(self) -> dict[str, torch.Tensor]:
+        """Features of 0.1 s of silence: micro-batches without clips run the audio tower on it (models/audio_lm.py)."""
+        return self.features([np.zeros(self.rate // 10, dtype=np.float32)])
+
+    def describe(self, count: int) -> str:
+        window = f"; features {type(self.processor.feature_extractor).__name__} in a {self.window_seconds:g} s window" \
+            if self.window_seconds else ""
+        return (f"audio: {count} clips in training samples at {self.rate} Hz (resampled with soxr), up to "
+                f"{self.max_seconds:g} s each{window}; {type(self.processor).__name__} expands {self.placeholder}")
+
+    def encode(self, text: str, clips: list[str]) -> list[int]:
+        placeholders = text.count(self.placeholder)
+        if placeholders != len(clips):
+            raise RecordError(
+                f"the chat template rendered {placeholders} audio placeholder(s) ({self.placeholder}) for "
+                f"{len(clips)} clip(s); each audio part must be rendered once, and texts must not contain "
+                f"{self.placeholder} themselves", reason="audio_placeholder_mismatch")
+        if not clips:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        if self.counted_as is None:  # the processor expands the placeholders itself
+            out = self.processor(text=[text], audio=[self.load(r) for r in clips], add_special_tokens=False)
+            return list(out["input_ids"][0])
+        pieces = text.split(self.placeholder)
+        expanded = pieces[0]
+        for ref, rest in zip(clips, pieces[1:]):
+            samples = load_audio(ref, self.rate, self.max_seconds, header_only=True)
+            n = samples if isinstance(samples, int) else len(samples)
+            expanded += self.placeholder * TOKEN_COUNTS[self.counted_as](self.processor, n) + rest
+        return self.tokenizer(expanded, add_special_tokens=False)["input_ids"]
+
+    def media_inputs(self, clips: list[str]) -> dict[str, torch.Tensor]:
+        return self.features([self.load(r) for r in clips]) if clips else {}
+
+    def type_ids(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    def ctc_targets(self, samples) -> dict[str, torch.Tensor]:
+        return {}

@@ -95,7 +95,7 @@ def render(
     """The template's text for `messages`, and the character spans of its `{% generation %}` blocks."""
     template = tokenizer.get_chat_template(None, tools)
     texts, spans = render_jinja_template(
-        [audio_parts_as_text(messages)], tools=tools, chat_template=template, return_assistant_tokens_mask=with_spans,
+        [audio_parts_as_text(messages, template)], tools=tools, chat_template=template, return_assistant_tokens_mask=with_spans,
         add_generation_prompt=add_generation_prompt, **{**tokenizer.special_tokens_map, **(kwargs or {})},
     )
     return texts[0], [tuple(s) for s in spans[0]] if with_spans else []

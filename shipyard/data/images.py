@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from shipyard.data.audio import AudioEncoder
+from shipyard.data.audio import AudioEncoder, ProcessorAudioEncoder
 from shipyard.data.messages import RecordError
 from shipyard.errors import ShipyardError
 
@@ -170,21 +170,31 @@ def apply_pixel_limits(processor, min_pixels: int | None, max_pixels: int | None
         else {**ip.size, "shortest_edge": lo, "longest_edge": hi}
 
 
-def encoder_for(processor) -> ImageEncoder | AudioEncoder | None:
+def encoder_for(processor) -> ImageEncoder | AudioEncoder | ProcessorAudioEncoder | None:
     """The media encoder of a processor as saved (a directory's own pixel limits and audio settings): an
     AudioEncoder for a speech-LM's, an ImageEncoder for a vision-language model's, None for text models."""
     if processor is None:
         return None
-    return AudioEncoder(processor) if hasattr(processor, "audio_token_count") else ImageEncoder(processor)
+    if hasattr(processor, "audio_token_count"):
+        return AudioEncoder(processor)
+    return ProcessorAudioEncoder(processor) if takes_audio(processor) else ImageEncoder(processor)
 
 
-def media_encoder(processor, cfg) -> ImageEncoder | AudioEncoder | None:
+def takes_audio(processor) -> bool:
+    """A transformers speech-LM's processor (Qwen2-Audio's): an audio placeholder token and a feature extractor."""
+    return getattr(processor, "audio_token", None) is not None and getattr(processor, "feature_extractor", None) \
+        is not None and getattr(processor, "image_processor", None) is None
+
+
+def media_encoder(processor, cfg) -> ImageEncoder | AudioEncoder | ProcessorAudioEncoder | None:
     """The data pipeline's view of a multimodal model's processor (None for text models): an AudioEncoder for a
     speech-LM; else an ImageEncoder with the recipe's pixel limits (`cfg`: the recipe's data section) set on it."""
     if processor is None:
         return None
     if hasattr(processor, "audio_token_count"):
         return AudioEncoder(processor, cfg.max_audio_seconds)
+    if takes_audio(processor):
+        return ProcessorAudioEncoder(processor, cfg.max_audio_seconds)
     apply_pixel_limits(processor, cfg.min_pixels, cfg.max_pixels)
     limit = cfg.max_image_pixels
     if limit is None and (limits := pixel_limits(processor)):

@@ -24,13 +24,16 @@ from shipyard.hf_files import MTP_SIDE_FILE, read_probe
 from shipyard.models import eagle3
 from shipyard.models.mtp_layout import ServedLayoutWeights, served_config_updates, style_for
 from shipyard.models.save import (
+    SERVED_PREFIXES,
     ModelMeta,
+    ServedNamesWeights,
     WeightLayout,
     check_exportable,
     dominant_dtype,
     normalise_tokenizer_files,
     plan_files,
     target_dtype,
+    served_name,
     write_hf_metadata,
     write_index,
     write_weight_file,
@@ -281,6 +284,10 @@ def export_checkpoint(
     weights, mtp_expected, mtp_aside = served_mtp_layout(weights, meta)
     if meta.architecture in eagle3.ARCHITECTURES:
         eagle3.check_weights(meta.config, {n: tuple(s) for n, (s, _) in weights.shapes.items()}, str(src))
+    tied = info.get("tied", {})
+    if SERVED_PREFIXES.get(meta.config.model_type):  # module names vLLM does not read (models/save.py)
+        weights = ServedNamesWeights(weights, meta.config)
+        tied = {served_name(k, meta.config): served_name(v, meta.config) for k, v in tied.items()}
     _check_special_tokens_fit(meta, _embedding_rows(weights, meta), src)
     partial = out_dir.with_name(f".{out_dir.name}.partial")
 
@@ -293,7 +300,7 @@ def export_checkpoint(
     replaced = on_main(prepare)
     try:
         plan, shapes = write_weight_files(
-            partial, weights, layout=meta.layout, dtype=dtype, aliases=info.get("tied", {}),
+            partial, weights, layout=meta.layout, dtype=dtype, aliases=tied,
             rank=dist_info.rank, world_size=dist_info.world_size, side_file=mtp_aside,
         )
         barrier()

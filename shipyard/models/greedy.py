@@ -38,7 +38,8 @@ def load_for_verify(directory: Path, adapter: Path | None = None, trust_remote_c
 
 
 def render_prompt_ids(tokenizer, dialog: list[dict]) -> list[int]:
-    text = tokenizer.apply_chat_template(audio_parts_as_text(dialog), tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(audio_parts_as_text(dialog, tokenizer.chat_template), tokenize=False,
+                                         add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -46,7 +47,8 @@ def prompt_inputs(tokenizer, dialog: list[dict], encoder=None) -> dict[str, torc
     """Model inputs of a chat prompt: ids (image placeholders expanded by the processor) and pixel inputs."""
     if encoder is None:
         return {"input_ids": torch.tensor([render_prompt_ids(tokenizer, dialog)])}
-    text = tokenizer.apply_chat_template(audio_parts_as_text(dialog), tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(audio_parts_as_text(dialog, tokenizer.chat_template), tokenize=False,
+                                         add_generation_prompt=True)
     refs = media_of(dialog)
     ids = torch.tensor([encoder.encode(text, refs)])
     inputs = {"input_ids": ids, **encoder.media_inputs(refs)}

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, GenerationConfig,
+    AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoProcessor, AutoTokenizer, GenerationConfig,
     PreTrainedModel, PreTrainedTokenizerBase,
 )
 
 from shipyard.config import ModelConfig
 from shipyard.data.chat import apply_template_defaults
 from shipyard.models.attention import choose_attention
+from shipyard.models.audio_lm import is_audio_language
 from shipyard.errors import ShipyardError, did_you_mean
 from shipyard.models.presets import PRESETS, preset_config
 from shipyard.models.speech_presets import SPEECH_PRESETS
@@ -45,13 +46,16 @@ class ModelSource:
 
 
 def auto_model_class(config):
-    """The transformers Auto class a config loads with: image-text-to-text for vision-language models."""
-    return AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+    """The transformers Auto class a config loads with: image-text-to-text for vision-language models, the
+    multimodal-LM class for transformers' speech-LMs (Qwen2-Audio, Voxtral, Granite Speech)."""
+    if is_vision_language(config):
+        return AutoModelForImageTextToText
+    return AutoModelForMultimodalLM if is_audio_language(config) else AutoModelForCausalLM
 
 
 def is_multimodal(config) -> bool:
     """Does the model take images or audio (and so has a processor)?"""
-    return is_vision_language(config) or is_speech_lm(config)
+    return is_vision_language(config) or is_speech_lm(config) or is_audio_language(config)
 
 
 def resolve_source(path: str) -> ModelSource:

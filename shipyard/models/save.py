@@ -328,3 +328,37 @@ def write_hf_metadata(out_dir: Path, meta: ModelMeta, weights_dtype: torch.dtype
         write_processor(out_dir, meta.processor, meta.tokenizer)
     if meta.probe is not None:
         write_probe(out_dir, meta.probe)
+
+
+# ------------------------------------------------------------------ checkpoint layouts vLLM reads
+
+# Families whose transformers 5 module names are not the checkpoint layout vLLM loads (vLLM has no name mapper for
+# them), as (prefix in the module, prefix in the served files). Qwen2-Audio: transformers 5.19 holds the language
+# model as `model.language_model.*`, and its own save_pretrained writes `language_model.model.model.*` (its
+# conversion mapping applied backwards twice); vLLM reads the published layout, `language_model.model.*`
+# ("no module or parameter named 'model' in Qwen2Model" otherwise). transformers loads both layouts.
+SERVED_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
+    "qwen2_audio": (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                    ("model.audio_tower.", "audio_tower."), ("model.multi_modal_projector.", "multi_modal_projector.")),
+}
+
+
+def served_name(name: str, config: PretrainedConfig) -> str:
+    """`name` in the checkpoint layout vLLM reads for the config's family (unchanged for most families)."""
+    for module_prefix, served_prefix in SERVED_PREFIXES.get(getattr(config, "model_type", ""), ()):
+        if name.startswith(module_prefix):
+            return served_prefix + name[len(module_prefix):]
+    return name
+
+
+class ServedNamesWeights:
+    """A weights view (shapes + load) with every tensor under the name vLLM reads for the family (`served_name`)."""
+
+    def __init__(self, weights, config: PretrainedConfig):
+        self.weights = weights
+        self.source = {served_name(n, config): n for n in weights.shapes}
+        self.shapes = {served: weights.shapes[name] for served, name in self.source.items()}
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        tensors = self.weights.load([self.source[n] for n in names])
+        return {n: tensors[self.source[n]] for n in names}

@@ -50,3 +50,34 @@ SPEECH_PRESETS = {
     # The hybrid backbone (Mamba + attention + MLP blocks): exported under the hybrid architecture name.
     "speech-nemotron-h-tiny": lambda: _speech("nemotron-h-tiny"),
 }
+
+
+def qwen2_audio() -> tuple[PretrainedConfig, object]:
+    """A tiny Qwen2-Audio (~0.75M parameters): a 2-layer Whisper-style audio tower (d_model 64) over 128 mel bins,
+    its linear projector and a 2-layer Qwen2 LM (head_dim 64: vLLM's CPU attention rejects smaller). The feature
+    extractor keeps Whisper's 30 s window (3000 frames), which vLLM's Qwen2-Audio insists on; the chat template
+    is the family's own (its processor's), so vLLM renders the same prompt."""
+    from transformers import Qwen2AudioConfig, Qwen2AudioProcessor, WhisperFeatureExtractor
+
+    tok = AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", *QWEN2_AUDIO_TOKENS]})
+    processor = Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128, sampling_rate=16000),
+                                    tokenizer=tok)
+    tok.chat_template = processor.chat_template  # the family's template (system prompt, "Audio 1: ..." lines)
+    config = Qwen2AudioConfig(
+        audio_config=dict(d_model=64, encoder_layers=2, encoder_attention_heads=1, encoder_ffn_dim=128,
+                          num_mel_bins=128, max_source_positions=1500, dropout=0.0, attention_dropout=0.0,
+                          activation_dropout=0.0, encoder_layerdrop=0.0),
+        text_config=dict(model_type="qwen2", vocab_size=SPEECH_VOCAB, hidden_size=128, intermediate_size=384,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=2048, tie_word_embeddings=False, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id),
+        audio_token_id=processor.audio_token_id,
+    )
+    config.architectures = ["Qwen2AudioForConditionalGeneration"]
+    return config, processor
+
+
+QWEN2_AUDIO_TOKENS = ["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
+# Qwen2-Audio's own layout (transformers' AutoModelForMultimodalLM class), random init: what a user's checkpoint is.
+SPEECH_PRESETS["qwen2-audio-tiny"] = qwen2_audio

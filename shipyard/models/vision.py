@@ -28,6 +28,7 @@ from transformers import PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from shipyard.errors import ShipyardError
+from shipyard.models import audio_lm
 
 PROJECTOR_NAMES = ("merger", "deepstack_merger_list", "connector", "multi_modal_projector", "mm_projector",
                    "projector")
@@ -89,6 +90,8 @@ def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
     """Turn off gradients for the named groups / parameter-name globs; returns the frozen names."""
     if is_vision_language(model.config):
         groups = parameter_groups(model)
+    elif audio_lm.is_audio_language(model.config):  # Qwen2-Audio and its kind: tower, projector, language model
+        groups = audio_lm.parameter_groups(model)
     elif hasattr(model, "audio_encoder"):  # a speech-LM (models/speechlm): its parts are its top-level modules
         names = [n for n, _ in model.named_parameters()]
         groups = {part: [n for n in names if n.startswith(part + ".")]
@@ -132,7 +135,10 @@ def _tensors(value):
 
 
 def vision_idle_loss(model: nn.Module, blank: dict[str, torch.Tensor]) -> torch.Tensor:
-    """0 x (the vision tower and projector's output on a blank image): runs them, changes nothing."""
+    """0 x (the vision tower and projector's output on a blank image): runs them, changes nothing. A speech-LM's
+    blank is a clip's features (models/audio_lm.py)."""
+    if "input_features" in blank:
+        return audio_lm.audio_idle_output(model, blank)
     device = model.get_decoder().embed_tokens.weight.device
     out = model.get_image_features(**{k: v.to(device) for k, v in blank.items()})
     return sum((t.float().sum() for t in _tensors(out) if t.is_floating_point()), torch.zeros((), device=device)) * 0.0

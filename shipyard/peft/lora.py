@@ -33,6 +33,7 @@ from torch import nn
 from shipyard.config import LoraConfig
 from shipyard.errors import ShipyardError, did_you_mean
 from shipyard.models.structure import clean_name
+from shipyard.models import audio_lm
 from shipyard.models.vision import parameter_groups, vision_tower
 from shipyard.peft.experts import (
     add_expert_adapters,
@@ -78,9 +79,11 @@ def resolve_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
                 f"candidates: {', '.join(leaf_names)} (names, dotted paths like model.layers.0.mlp.up_proj, or globs)"
             )
     chosen = [n for n in linears if any(_matches(p, n) for p in patterns)]
-    if cfg.target_modules == "all-linear" and vision_tower(model) is not None:
-        # A vision-language model's LoRA adapts its language model; name vision layers to adapt them too.
-        language = {n.rsplit(".", 1)[0] for n in parameter_groups(model)["language_model"]}
+    speech = audio_lm.is_audio_language(getattr(model, "config", None))
+    if cfg.target_modules == "all-linear" and (vision_tower(model) is not None or speech):
+        # A vision- or speech-language model's LoRA adapts its language model; name tower layers to adapt them too.
+        groups = audio_lm.parameter_groups(model) if speech else parameter_groups(model)
+        language = {n.rsplit(".", 1)[0] for n in groups["language_model"]}
         chosen = [n for n in chosen if n in language]
     return [n for n in chosen if not any(_matches(p, n) for p in cfg.exclude_modules)]
 

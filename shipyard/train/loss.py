@@ -64,6 +64,8 @@ def isolates_packed_documents(model: torch.nn.Module, vocab_size: int) -> bool:
     return bool(torch.allclose(packed, alone, rtol=1e-3, atol=1e-3 * float(alone.abs().max())))
 
 
+# Batch keys that carry images or clips: a batch without them runs the media tower on the blank input instead.
+MEDIA_KEYS = frozenset({"pixel_values", "input_features"})
 # Batch keys that are not model inputs, or are given only in some cases (packing).
 _NOT_INPUTS = ("labels", "attention_mask", "position_ids")
 
@@ -73,7 +75,7 @@ def forward_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor], blank
     """Run the model; returns the LM head's input ("hidden") and, with `pre_norm`, the final norm's ("pre_norm")."""
     inputs = {k: v for k, v in batch.items() if k not in _NOT_INPUTS}
     with capture_lm_head_input(model) as captured, capture_final_norm_input(model, pre_norm) as pre, \
-            vision_on_blank_image(model, blank_image, active="pixel_values" not in batch):
+            vision_on_blank_image(model, blank_image, active=not MEDIA_KEYS.intersection(batch)):
         if "position_ids" in batch:  # packed rows: documents are separated by position resets, not by a mask
             out = model(**inputs, position_ids=batch["position_ids"], use_cache=False)
         else:
