@@ -5,7 +5,9 @@ vLLM workers, each paying a CLI process, vLLM's import and a first engine). `cli
 `shipyard verify A B C ... --json` for every group the collected tests name (`@pytest.mark.cli_verified("<group>")`,
 directories from the session fixture `cli_verify_<group>`), so running one module still trains only its runs: one
 vLLM worker serves them all, speculative jobs included. The runs are session fixtures here; each module names them
-under its old fixture names.
+under its old fixture names. Runs whose process adds nothing to what is checked (no launcher, no log lines on
+stderr, no working directory) call `shipyard.cli.main` in this process (`run_main`): a subprocess paid an
+interpreter and the torch/transformers imports each time.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CLI_TIMEOUT, REPO, run_cli
+from tests.conftest import CLI_TIMEOUT, REPO, run_cli, run_main
 from tests.served import Reports, collect_groups
 
 def pytest_configure(config):
@@ -157,13 +159,13 @@ def cli_verify_dflash(dflash_quickstart) -> dict[str, Path]:
 def eagle3_quickstart(tmp_path_factory, dflash_quickstart):
     """60 EAGLE-3 steps on the DFlash quickstart's target (its absolute path: verify runs from any directory). The
     full recipe and its thresholds are docs/benchmarks.md's."""
-    cwd = tmp_path_factory.mktemp("eagle3")
+    out = tmp_path_factory.mktemp("eagle3") / "quickstart_eagle3"
     target = dflash_quickstart[0].parent / "quickstart" / "final"
-    proc = run_cli("train", str(REPO / "shipyard" / "recipes" / "quickstart_eagle3.yaml"), f"draft.target={target}",
-                   "train.max_steps=60", "train.eval_every=60", "checkpoint.every_steps=null",
-                   "data.validation={synthetic: reverse_words, num_records: 60, seed: 1}", cwd=cwd)
+    proc = run_main("train", str(REPO / "shipyard" / "recipes" / "quickstart_eagle3.yaml"), f"draft.target={target}",
+                    f"output_dir={out}", "train.max_steps=60", "train.eval_every=60", "checkpoint.every_steps=null",
+                    "data.validation={synthetic: reverse_words, num_records: 60, seed: 1}")
     _ok(proc)
-    return cwd / "runs" / "quickstart_eagle3", proc.stdout
+    return out, proc.stdout
 
 
 @pytest.fixture(scope="session")
@@ -179,8 +181,8 @@ def mtp_quickstart(tmp_path_factory):
     """The quickstart's path at 120 steps; the full 500 steps and their thresholds (exact match >= 90%, vLLM
     acceptance at position 0 >= 0.8 and within 0.05 of training's) are `make quality` (bench/quality.py)."""
     out = tmp_path_factory.mktemp("mtp") / "quickstart_mtp"
-    proc = run_cli("train", "quickstart_mtp", f"output_dir={out}", "train.max_steps=120", "checkpoint.every_steps=60",
-                   "data.validation={synthetic: reverse_words, num_records: 40, seed: 1}")
+    proc = run_main("train", "quickstart_mtp", f"output_dir={out}", "train.max_steps=120", "checkpoint.every_steps=60",
+                    "data.validation={synthetic: reverse_words, num_records: 40, seed: 1}")
     _ok(proc)
     return out, proc.stdout
 
@@ -189,9 +191,9 @@ def mtp_quickstart(tmp_path_factory):
 def mtp_glm(tmp_path_factory):
     """GLM-4.5 layout: model.layers.{L}.*, the MTP block's experts one by one (vLLM's MTP loader reads them so)."""
     out = tmp_path_factory.mktemp("mtp") / "glm"
-    proc = run_cli("train", "quickstart_mtp", "model.path=glm4-moe-tiny", f"output_dir={out}", "train.max_steps=60",
-                   "checkpoint.every_steps=null", "eval.generate=false",
-                   "data.validation={synthetic: reverse_words, num_records: 40, seed: 1}")
+    proc = run_main("train", "quickstart_mtp", "model.path=glm4-moe-tiny", f"output_dir={out}", "train.max_steps=60",
+                    "checkpoint.every_steps=null", "eval.generate=false",
+                    "data.validation={synthetic: reverse_words, num_records: 40, seed: 1}")
     _ok(proc)
     return out
 
@@ -217,9 +219,9 @@ def vlm_quickstart(tmp_path_factory):
 @pytest.fixture(scope="session")
 def vlm_idefics3(tmp_path_factory):
     out = tmp_path_factory.mktemp("vlm") / "idefics3"
-    proc = run_cli("train", "quickstart_vlm", f"output_dir={out}", "model.path=idefics3-tiny", "train.max_steps=60",
-                   "data.train={synthetic: shapes, num_records: 2000, seed: 0}", "eval.max_prompts=16",
-                   "checkpoint.every_steps=null")
+    proc = run_main("train", "quickstart_vlm", f"output_dir={out}", "model.path=idefics3-tiny", "train.max_steps=60",
+                    "data.train={synthetic: shapes, num_records: 2000, seed: 0}", "eval.max_prompts=16",
+                    "checkpoint.every_steps=null")
     _ok(proc)
     return out
 
@@ -231,11 +233,11 @@ def vlm_drafter(vlm_quickstart, tmp_path_factory):
     check of this drafter also proves that a bf16-trained drafter serves losslessly."""
     out, _ = vlm_quickstart
     drafter = tmp_path_factory.mktemp("vlm") / "drafter"
-    proc = run_cli("train", "quickstart_dflash", f"output_dir={drafter}", f"draft.target={out / 'final'}",
-                   "data.train={synthetic: shapes, num_records: 512, seed: 0}",
-                   "data.validation={synthetic: shapes, num_records: 24, seed: 1}", "train.max_steps=40",
-                   "train.micro_batch_size=16", "train.eval_every=null", "checkpoint.every_steps=null",
-                   "train.mixed_precision=bf16")
+    proc = run_main("train", "quickstart_dflash", f"output_dir={drafter}", f"draft.target={out / 'final'}",
+                    "data.train={synthetic: shapes, num_records: 512, seed: 0}",
+                    "data.validation={synthetic: shapes, num_records: 24, seed: 1}", "train.max_steps=40",
+                    "train.micro_batch_size=16", "train.eval_every=null", "checkpoint.every_steps=null",
+                    "train.mixed_precision=bf16")
     _ok(proc)
     return drafter
 
@@ -256,10 +258,10 @@ def speech_quickstart(tmp_path_factory):
     from tests.e2e.test_cli_speech import SMALL
 
     out = tmp_path_factory.mktemp("speech") / "quickstart_speech"
-    proc = run_cli("train", "quickstart_speech", f"output_dir={out}", "train.max_steps=30", SMALL[0],
-                   "train.micro_batch_size=8", "optim.warmup_steps=3",
-                   "data.validation=[{synthetic: spoken_digits_heldout, num_records: 6, seed: 1}, "
-                   "{synthetic: spoken_digits_unseen_voices, num_records: 6, seed: 2}]", "checkpoint.every_steps=15")
+    proc = run_main("train", "quickstart_speech", f"output_dir={out}", "train.max_steps=30", SMALL[0],
+                    "train.micro_batch_size=8", "optim.warmup_steps=3",
+                    "data.validation=[{synthetic: spoken_digits_heldout, num_records: 6, seed: 1}, "
+                    "{synthetic: spoken_digits_unseen_voices, num_records: 6, seed: 2}]", "checkpoint.every_steps=15")
     _ok(proc)
     return out, proc.stdout
 

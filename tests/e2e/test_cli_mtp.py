@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli
+from tests.conftest import run_main
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -74,7 +74,7 @@ def test_nemotron_h_base_gets_a_head_exports_in_its_layout_and_loads_back(tmp_pa
     common = ["train.max_steps=4", "train.micro_batch_size=8", "checkpoint.every_steps=null", "eval.generate=false",
               "data.train={synthetic: reverse_words, num_records: 64, seed: 0}",
               "data.validation={synthetic: reverse_words, num_records: 16, seed: 1}"]
-    proc = run_cli("train", "quickstart_mtp", "model.path=nemotron-h-tiny", f"output_dir={out}", *common)
+    proc = run_main("train", "quickstart_mtp", "model.path=nemotron-h-tiny", f"output_dir={out}", *common)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "exported as NemotronHForCausalLM (nemotron_h layout)" in proc.stdout
     final = out / "final"
@@ -92,14 +92,14 @@ def test_nemotron_h_base_gets_a_head_exports_in_its_layout_and_loads_back(tmp_pa
     # The export as a base: its head is loaded (not re-initialised); at lr 1e-12 nothing moves measurably, so the
     # next export's head equals this one (a fresh head would differ by ~1e-2).
     again = tmp_path / "again"
-    proc = run_cli("train", "quickstart_mtp", f"model.path={final}", f"output_dir={again}", "optim.lr=1e-12", *common)
+    proc = run_main("train", "quickstart_mtp", f"model.path={final}", f"output_dir={again}", "optim.lr=1e-12", *common)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "mtp: 1 layer(s) loaded from the base" in proc.stdout
     reloaded = load_file(again / "final" / "model.safetensors")
     assert all(torch.allclose(reloaded[n], t, rtol=0, atol=1e-9) for n, t in head.items())
 
-    wrong = run_cli("train", "quickstart_mtp", f"model.path={final}", "model.mtp.num_layers=2",
-                    f"output_dir={tmp_path / 'wrong'}", *common)
+    wrong = run_main("train", "quickstart_mtp", f"model.path={final}", "model.mtp.num_layers=2",
+                     f"output_dir={tmp_path / 'wrong'}", *common)
     assert wrong.returncode == 2 and "already has 1 MTP layer(s)" in wrong.stderr, wrong.stderr[-2000:]
 
 

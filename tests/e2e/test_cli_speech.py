@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from shipyard.models.speechlm import HYBRID_ARCHITECTURE
-from tests.conftest import assert_close_trajectory, losses, run_cli
+from tests.conftest import assert_close_trajectory, losses, run_cli, run_main
 
 pytestmark = [pytest.mark.slow]
 
@@ -21,7 +21,7 @@ SMALL = ["data.train={synthetic: spoken_digits, num_records: 96, seed: 0}",
 
 
 def train(out, *extra, steps: int = 4):
-    proc = run_cli("train", "quickstart_speech", f"output_dir={out}", f"train.max_steps={steps}", *SMALL, *extra)
+    proc = run_main("train", "quickstart_speech", f"output_dir={out}", f"train.max_steps={steps}", *SMALL, *extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -158,9 +158,9 @@ def test_speech_lm_from_a_pretrained_encoder_and_llm(tmp_path):
     encoder_config = {k: v for k, v in _ENCODER.items() if k != "model_type"}
     ParakeetForCTC(ParakeetCTCConfig(encoder_config=encoder_config, vocab_size=32)).save_pretrained(tmp_path / "enc")
     out = tmp_path / "composed"
-    proc = run_cli("train", "quickstart_speech", f"output_dir={out}", "train.max_steps=2", *SMALL,
-                   f"model.path={llm}", f"model.speech={{encoder: {tmp_path / 'enc'}}}",
-                   "model.freeze=[audio_encoder, language_model]", "eval.generate=false")
+    proc = run_main("train", "quickstart_speech", f"output_dir={out}", "train.max_steps=2", *SMALL,
+                    f"model.path={llm}", f"model.speech={{encoder: {tmp_path / 'enc'}}}",
+                    "model.freeze=[audio_encoder, language_model]", "eval.generate=false")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     exported = load_file(out / "final" / "model.safetensors")
     encoder = AutoModel.from_pretrained(tmp_path / "enc").encoder.state_dict()

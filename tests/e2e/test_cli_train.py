@@ -71,8 +71,8 @@ def test_record_without_assistant_turn_is_counted(tmp_path):
     lonely = {"messages": [{"role": "user", "content": "anyone?"}]}
     data.write_text("\n".join(json.dumps(r) for r in [GOOD, lonely, GOOD, lonely]) + "\n")
     out = tmp_path / "out"
-    proc = run_cli("train", "quickstart", f"output_dir={out}", f"data.train={data}", "data.validation=[]",
-                   "train.max_steps=2", "train.micro_batch_size=2", "eval.generate=false")
+    proc = run_main("train", "quickstart", f"output_dir={out}", f"data.train={data}", "data.validation=[]",
+                    "train.max_steps=2", "train.micro_batch_size=2", "eval.generate=false")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "no_assistant_turn': 2" in proc.stdout
     assert json.loads((out / "summary.json").read_text())["skipped_records"] == {"total": 2, "no_assistant_turn": 2}
@@ -90,12 +90,13 @@ def test_overlength_sample_is_truncated_and_counted(tmp_path):
     long = {"messages": [{"role": "user", "content": "say red"}, {"role": "assistant", "content": "red " * 100}]}
     data.write_text("\n".join(json.dumps(r) for r in [GOOD, long, GOOD]) + "\n")
     out = tmp_path / "out"
-    proc = run_cli("train", "quickstart", f"output_dir={out}", f"data.train={data}", "data.validation=[]",
-                   "data.max_length=32", "train.max_steps=1", "train.micro_batch_size=3", "eval.generate=false")
+    proc = run_main("train", "quickstart", f"output_dir={out}", f"data.train={data}", "data.validation=[]",
+                    "data.max_length=32", "train.max_steps=1", "train.micro_batch_size=3", "eval.generate=false")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((out / "summary.json").read_text())["truncated_records"] == 1
-    proc = run_cli("train", "quickstart", f"output_dir={tmp_path / 'out2'}", f"data.train={data}", "data.validation=[]",
-                   "data.max_length=32", "data.overlength=drop", "train.max_steps=1", "eval.generate=false")
+    proc = run_main("train", "quickstart", f"output_dir={tmp_path / 'out2'}", f"data.train={data}",
+                    "data.validation=[]", "data.max_length=32", "data.overlength=drop", "train.max_steps=1",
+                    "eval.generate=false")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "out2" / "summary.json").read_text())["skipped_records"] == {"total": 1, "overlength": 1}
 
@@ -111,10 +112,11 @@ def test_unknown_preset_suggests_closest(tmp_path):
 
 
 def test_killed_run_resumes_with_identical_losses(tmp_path):
-    """SIGKILL a real run after its first checkpoint, resume it, and compare with an uninterrupted run."""
+    """SIGKILL a real run after its first checkpoint, resume it, and compare with an uninterrupted run. Only the
+    killed run needs a process of its own; the others run `shipyard.cli.main` in this one (the same losses)."""
     common = ["checkpoint.every_steps=3", "eval.generate=false"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert run_cli("train", "quickstart", *tiny_overrides(straight, steps=12), *common).returncode == 0
+    assert run_main("train", "quickstart", *tiny_overrides(straight, steps=12), *common).returncode == 0
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "shipyard", "train", "quickstart", *tiny_overrides(killed, steps=12), *common],
@@ -129,7 +131,7 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
     stopped_at = int(latest.read_text().strip().removeprefix("step_"))
     assert stopped_at < 12, "the run finished before it could be killed"
 
-    proc = run_cli("train", "quickstart", *tiny_overrides(killed, steps=12), *common)
+    proc = run_main("train", "quickstart", *tiny_overrides(killed, steps=12), *common)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"resumed from {killed / 'checkpoints' / f'step_{stopped_at}'}" in proc.stdout
 
@@ -144,7 +146,7 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
 
     # Running a finished run again trains nothing and keeps its figures.
     before = summary(straight)
-    proc = run_cli("train", "quickstart", *tiny_overrides(straight, steps=12), *common)
+    proc = run_main("train", "quickstart", *tiny_overrides(straight, steps=12), *common)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "already complete (12 steps): nothing left to train" in proc.stdout
     after = summary(straight)
@@ -154,11 +156,12 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
 
 
 def test_kills_during_metrics_rewrite_and_publish_leave_a_resumable_run(tmp_path):
-    """SIGKILL between the two renames of a checkpoint replacement, and while resume rewrites metrics.jsonl."""
+    """SIGKILL between the two renames of a checkpoint replacement, and while resume rewrites metrics.jsonl. The
+    runs that are not killed run in this process (`shipyard.cli.main`)."""
     common = ["checkpoint.every_steps=4", "eval.generate=false"]
     straight, run = tmp_path / "straight", tmp_path / "run"
-    assert run_cli("train", "quickstart", *tiny_overrides(straight, steps=8), *common).returncode == 0
-    assert run_cli("train", "quickstart", *tiny_overrides(run, steps=8), *common).returncode == 0
+    assert run_main("train", "quickstart", *tiny_overrides(straight, steps=8), *common).returncode == 0
+    assert run_main("train", "quickstart", *tiny_overrides(run, steps=8), *common).returncode == 0
     ckpt = run / "checkpoints"
 
     # Retrain steps 5..8 from step 4: saving step 8 again replaces the existing step_8; die between the renames.
@@ -174,7 +177,7 @@ def test_kills_during_metrics_rewrite_and_publish_leave_a_resumable_run(tmp_path
     assert sorted(p.name for p in ckpt.iterdir()) == ["LATEST", "step_4", "step_8"]
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 9))
 
-    proc = run_cli("train", "quickstart", *ckpt_4_again)
+    proc = run_main("train", "quickstart", *ckpt_4_again)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert losses(run) == losses(straight)  # the full history, each step once
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import run_main
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -47,8 +47,8 @@ def test_text_only_baseline_trains_without_image_parts(tmp_path):
     """`data.drop_images`: the same records with the image parts removed (`make quality` holds its exact match
     to <= 40%: the answers need the images)."""
     out = tmp_path / "text_only"
-    proc = run_cli("train", "quickstart_vlm", f"output_dir={out}", *SHORT, "data.drop_images=true",
-                   "train.max_steps=4", "checkpoint.every_steps=null", "eval.generate=false")
+    proc = run_main("train", "quickstart_vlm", f"output_dir={out}", *SHORT, "data.drop_images=true",
+                    "train.max_steps=4", "checkpoint.every_steps=null", "eval.generate=false")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "images: Qwen3VLProcessor, 0 in training samples" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
