@@ -135,6 +135,7 @@ def eagle3_checks() -> list[Check]:
                   spec["mean_acceptance_length"] / spec["ceiling_mean_acceptance_length"], 0.90),
             Check("|training - vLLM| tau", abs(offline - spec["mean_acceptance_length"]), 0.05, at_most=True),
             Check("lossless in vLLM", bool(spec["lossless"]), True),
+            Check("drafted tokens per step", spec["num_speculative_tokens"], 5),  # a ceiling at k=1 is no test
             Check("verify ok", bool(report["ok"]), True)]
 
 
