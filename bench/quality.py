@@ -10,7 +10,8 @@ figures in runs/quality/results.json (copy them, with the date, into docs/benchm
 is missed or a command fails.
 
 The runs are the shipped recipes unchanged, as a user runs them (`shipyard train NAME`, then `shipyard verify`),
-except that they write under runs/quality/ and the LoRA and DFlash runs take that text quickstart as their base.
+except that they write under runs/quality/ and the LoRA, DFlash and EAGLE-3 runs take that text quickstart as their
+base.
 """
 
 from __future__ import annotations
@@ -124,6 +125,20 @@ def dflash_checks() -> list[Check]:
             Check("verify ok", bool(verify_report("dflash")["ok"]), True)]
 
 
+def eagle3_checks() -> list[Check]:
+    """The EAGLE-3 drafter: tau within 10% of the ceiling (every draft up to the answer's end accepted), lossless,
+    and the tau measured while training within 0.05 of the one vLLM's drafts give."""
+    report = verify_report("eagle3")
+    spec = report["speculative"]
+    offline = summary("eagle3")["eval"]["mean_acceptance_length"]
+    return [Check("vLLM tau / ceiling (to each answer's end)",
+                  spec["mean_acceptance_length"] / spec["ceiling_mean_acceptance_length"], 0.90),
+            Check("|training - vLLM| tau", abs(offline - spec["mean_acceptance_length"]), 0.05, at_most=True),
+            Check("lossless in vLLM", bool(spec["lossless"]), True),
+            Check("drafted tokens per step", spec["num_speculative_tokens"], 5),  # a ceiling at k=1 is no test
+            Check("verify ok", bool(report["ok"]), True)]
+
+
 def speech_checks() -> list[Check]:
     wer = verify_report("speech")["wer"]
     return [Check("WER", summary("speech")["eval"]["wer"], 0.05, at_most=True),
@@ -160,6 +175,8 @@ RUNS = [
     Run("mtp", lambda: [train("quickstart_mtp", "mtp"), verify("mtp")], mtp_checks),
     Run("dflash", lambda: [train("quickstart_dflash", "dflash", f"draft.target={TEXT_BASE}"), verify("dflash")],
         dflash_checks),
+    Run("eagle3", lambda: [train("quickstart_eagle3", "eagle3", f"draft.target={TEXT_BASE}"), verify("eagle3")],
+        eagle3_checks),
     Run("speech", lambda: [train("quickstart_speech", "speech"), verify("speech")], speech_checks),
     # Not a quickstart: loading a base of Qwen3-0.6B's shape on 2 ranks (issue 23), about 5 minutes.
     Run("loading", lambda: [[str(REPO / "bench" / "load_memory.py"), "--check"]], load_memory_checks),
@@ -189,14 +206,14 @@ def run_commands(run: Run) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=[r.name for r in RUNS], help="run only these (text is the "
-                        "base of lora and dflash and runs first when they do)")
+                        "base of lora, dflash and eagle3 and runs first when they do)")
     parser.add_argument("--fresh", action="store_true", help="delete runs/quality/ first and train everything anew")
     args = parser.parse_args(argv)
     if args.fresh:
         shutil.rmtree(OUT, ignore_errors=True)
     (OUT / "logs").mkdir(parents=True, exist_ok=True)
     wanted = set(args.only or [r.name for r in RUNS])
-    if wanted & {"lora", "dflash"}:
+    if wanted & {"lora", "dflash", "eagle3"}:
         wanted.add("text")
     runs = [r for r in RUNS if r.name in wanted]
 
