@@ -378,7 +378,10 @@ class Recipe(Section):
                              "draft.target), and a `draft` section needs task: dflash or task: eagle3")
         if self.draft is not None:
             foreign = EAGLE3_KEYS if self.task == "dflash" else DFLASH_KEYS
-            wrong = [k for k in foreign if k in self.draft.model_fields_set]
+            # Set to something else than its default: a written-out recipe (recipe.yaml, `config show`) holds
+            # every key at its default, the other task's too, and must read back.
+            wrong = [k for k in foreign if k in self.draft.model_fields_set
+                     and getattr(self.draft, k) != type(self.draft).model_fields[k].default]
             if wrong:
                 other = "eagle3" if self.task == "dflash" else "dflash"
                 raise ValueError(f"draft.{wrong[0]} is a setting of task: {other}, not of task: {self.task}; remove it")
